@@ -1,0 +1,727 @@
+"""A from-scratch Llama (Llama-2 layout) in plain PyTorch, exact against Hugging Face checkpoints.
+
+Read top to bottom: config -> the attention mask description -> the one attention function -> the model
+(RMSNorm, rotary embeddings, attention, SwiGLU MLP, blocks) -> KV cache and generation -> checkpoint I/O -> LoRA -> CLI.
+
+Conventions that matter for exactness:
+- Rotary embeddings use the Hugging Face "rotate-half" layout. HF checkpoints store q_proj/k_proj rows permuted for
+  it (Meta's original weights interleave the pairs), so HF weights load here unchanged.
+- Parameter names equal Hugging Face's minus the leading "model.", so loading and saving is a rename, not a remap.
+- Models are built on the meta device (no memory), then `to_empty()` + `init_weights()` or `load_pretrained()`:
+  a 70B model can be created instantly and sharded before any memory is used (torchtitan's habit).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32  # < n_heads: grouped-query attention (Llama-2-70B uses 8)
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"config: dim {self.dim} must divide into n_heads {self.n_heads}, "
+                             f"and n_heads into n_kv_heads {self.n_kv_heads}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset '{name}'; choose from {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_hf(cls, path) -> "ModelConfig":
+        """Read a Hugging Face LlamaConfig (config.json, or the folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (expected a Hugging Face Llama config.json)")
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False), ("rope_scaling", None)):
+            if hf.get(key, expected) != expected:
+                raise ValueError(f"{path}: {key}={hf[key]!r} is not supported (expected {expected!r})")
+        try:
+            cfg = cls(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                      n_heads=hf["num_attention_heads"],
+                      n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                      ffn_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-5),
+                      rope_theta=hf.get("rope_theta", 10000.0), max_seq_len=hf.get("max_position_embeddings", 4096),
+                      tie_embeddings=hf.get("tie_word_embeddings", False))
+        except KeyError as e:
+            raise ValueError(f"{path}: missing field {e.args[0]}") from None
+        if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
+            raise ValueError(f"{path}: head_dim {hf['head_dim']} != hidden_size/num_attention_heads {cfg.head_dim}")
+        return cfg
+
+    def to_hf_dict(self, dtype: torch.dtype = torch.float32) -> dict:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+                "intermediate_size": self.ffn_dim, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+                "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
+                "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+                "torch_dtype": str(dtype).removeprefix("torch.")}
+
+    def num_params(self) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        block = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * block + embeddings + self.dim
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the matmuls + 12·layers·dim·seq for attention scores (PaLM appendix B)."""
+        return 6 * self.num_params() + 12 * self.n_layers * self.dim * seq_len
+
+
+_llama2_7b = ModelConfig()
+_llama2_13b = ModelConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824)
+_llama2_70b = ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672)
+PRESETS = {
+    "llama2-7b": _llama2_7b, "llama2-7b-chat": _llama2_7b,
+    "llama2-13b": _llama2_13b, "llama2-13b-chat": _llama2_13b,
+    "llama2-70b": _llama2_70b, "llama2-70b-chat": _llama2_70b,
+    # ~8.6M parameters (most of them the 32k-token embeddings), grouped-query attention: CPU tests and demos.
+    "tiny": ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=1024),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The attention mask: a compact description, turned into a kernel mask inside `attention` only.
+
+
+@dataclass
+class AttentionMask:
+    """Who may attend to whom.
+
+    Key index space, per batch row: [P prefix positions (prefix_kv) | cached tokens | this call's tokens].
+    Query t's own key index is P + query_offset + t. Attention is always causal; on top of that:
+      hidden_span (B, 2) long  [start, end) key indices hidden from row b (leave-one-out: demonstration i's span is
+                               hidden from pair i). A query lying inside the span still sees it, so a span that is part
+                               of the sequence itself (strict CT-Prompt) behaves as if it were removed for the others.
+      dropped     (B, D) bool  key positions 0..D-1 dropped for row b (token dropout); a query never loses its own key.
+      doc_ids     (B, L) long  document id of each of the row's own keys (cache + this call), for packed sequences:
+                               no attention across documents; prefix keys are shared by every document.
+      pad_left    (B,) long    left-padding tokens at the start of row b's own keys (batched generation); they are
+                               invisible, and a padding query sees only itself so that no row is empty.
+    prefix_len and query_offset are filled in by Transformer.forward (from prefix_kv and the KV cache).
+    """
+    hidden_span: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
+    pad_left: torch.Tensor | None = None
+    prefix_len: int = 0
+    query_offset: int = 0
+    _built: dict = field(default_factory=dict, repr=False, compare=False)  # block masks, built once per forward
+
+    def is_plain_causal(self) -> bool:
+        return (self.prefix_len == 0 and self.query_offset == 0 and self.hidden_span is None and self.dropped is None
+                and self.doc_ids is None and self.pad_left is None)
+
+    def varies_by_row(self) -> bool:
+        return any(t is not None for t in (self.hidden_span, self.dropped, self.doc_ids, self.pad_left))
+
+
+def allowed(mask: AttentionMask, b, q_idx, kv_idx):
+    """THE mask rule: may query q_idx of row b attend to key kv_idx? Broadcasting integer tensors in, bool out.
+
+    The same function builds the dense mask of the exact path and is FlexAttention's mask_mod on CUDA, so the two
+    paths cannot disagree about the rule.
+    """
+    P = mask.prefix_len
+    q_key = P + mask.query_offset + q_idx  # the query's own key index
+    is_self = kv_idx == q_key
+    ok = kv_idx <= q_key  # causal; prefix keys (kv_idx < P) always pass
+    if mask.pad_left is not None:
+        is_pad = (kv_idx >= P) & (kv_idx < P + mask.pad_left[b])
+        ok = ok & (~is_pad | is_self)
+    if mask.doc_ids is not None:
+        last = mask.doc_ids.shape[1] - 1
+        same_doc = mask.doc_ids[b, (kv_idx - P).clamp(0, last)] == mask.doc_ids[b, (q_key - P).clamp(0, last)]
+        ok = ok & ((kv_idx < P) | same_doc)
+    if mask.hidden_span is not None:
+        lo, hi = mask.hidden_span[b, 0], mask.hidden_span[b, 1]
+        ok = ok & ~((kv_idx >= lo) & (kv_idx < hi) & ~((q_key >= lo) & (q_key < hi)))
+    if mask.dropped is not None:
+        n = mask.dropped.shape[1]
+        is_dropped = (kv_idx < n) & mask.dropped[b, kv_idx.clamp(0, n - 1)]
+        ok = ok & (~is_dropped | is_self)
+    return ok
+
+
+def dense_mask(mask: AttentionMask, batch: int, n_queries: int, n_keys: int, device=None) -> torch.Tensor:
+    """(batch, 1, n_queries, n_keys) bool, True = may attend. Exact path only (memory grows as queries x keys)."""
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    q = torch.arange(n_queries, device=device).view(1, 1, -1, 1)
+    kv = torch.arange(n_keys, device=device).view(1, 1, 1, -1)
+    return allowed(mask, b, q, kv).expand(batch, 1, n_queries, n_keys)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The one attention function: training, CT-KV, prefix tuning, evaluation and generation all call this.
+
+_flex_attention = None  # compiled on first use (CUDA only)
+
+
+def _compiled_flex():
+    global _flex_attention
+    if _flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _flex_attention
+
+
+def _block_mask(mask: AttentionMask, key, mask_mod, batch, n_queries, n_keys, device):
+    # Built once per forward and shared by every layer (the description object lives for one forward).
+    if key not in mask._built:
+        from torch.nn.attention.flex_attention import create_block_mask
+        mask._built[key] = create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device, _compile=True)
+    return mask._built[key]
+
+
+def attention(q, k, v, mask: AttentionMask, prefix=None):
+    """Scaled dot-product attention under an AttentionMask description.
+
+    q (B, H, T, D); k, v (B, Hkv, S, D): the row's own keys (cached + this call), already rotated;
+    prefix: (k, v) each (1 or B, Hkv, P, D); batch 1 is shared by every row and never copied per row on CUDA.
+    Returns (B, H, T, D).
+    """
+    B, H, T, D = q.shape
+    P = 0 if prefix is None else prefix[0].shape[2]
+    if P != mask.prefix_len:
+        raise ValueError(f"attention: prefix has {P} positions but the mask describes {mask.prefix_len}")
+    gqa = H != k.shape[1]
+    if mask.is_plain_causal():  # the common training case: SDPA picks its fastest causal kernel (flash/cuDNN)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if q.device.type != "cuda" or T <= 16:
+        # Exact path (CPU: FlexAttention has no CPU backward) and the decode steps of generation (few queries).
+        if prefix is not None:
+            k = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2)
+        keep = dense_mask(mask, B, T, k.shape[2], q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
+    return _flex(q, k, v, mask, prefix, gqa)
+
+
+def _flex(q, k, v, mask, prefix, gqa):
+    """FlexAttention with a block mask: memory grows with the number of 128x128 blocks, not queries x keys."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    P = mask.prefix_len
+    flex = _compiled_flex()
+    if prefix is not None and prefix[0].shape[0] == 1 and B > 1:
+        # Shared prefix: fold the batch into the sequence axis, so the prefix is stored once:
+        # queries (1, H, B*T, D) attend to [prefix | row 0's keys | row 1's keys | ...] (1, Hkv, P + B*S, D).
+        def folded_mask_mod(_b, _h, qi, ki):
+            row, t = qi // T, qi % T
+            j = (ki - P).clamp(min=0)
+            in_row = torch.where(ki < P, ki, P + j % S)
+            return ((ki < P) | (j // S == row)) & allowed(mask, row, t, in_row)
+
+        fold = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], -1, D)  # (B, h, n, D) -> (1, h, B*n, D)
+        keys = torch.cat([prefix[0], fold(k)], dim=2)
+        values = torch.cat([prefix[1], fold(v)], dim=2)
+        block_mask = _block_mask(mask, ("folded", B, T, S), folded_mask_mod, 1, B * T, P + B * S, q.device)
+        out = flex(fold(q), keys, values, block_mask=block_mask, enable_gqa=gqa)
+        return out.view(H, B, T, D).transpose(0, 1)
+    if prefix is not None:
+        k = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2)
+    mask_mod = lambda b, _h, qi, ki: allowed(mask, b, qi, ki)
+    rows = B if mask.varies_by_row() else None  # None: one block mask broadcast over the batch
+    block_mask = _block_mask(mask, ("plain", rows, T, k.shape[2]), mask_mod, rows, T, k.shape[2], q.device)
+    return flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 and cast back before the weight, exactly as Hugging Face's LlamaRMSNorm.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin of shape positions.shape + (head_dim,), in fp32: rotation angle pos * theta^(-2i/head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: the pair of dim i is dim i + head_dim/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """x (B, H, T, D); cos/sin (T, D) or (B, T, D)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, prefix=None, cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)
+        out = attention(q, k, v, mask, prefix)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, prefix=None, cache=None, layer_idx=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # Tied models read the output projection from the embedding table (no separate parameter to keep in sync).
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """Random init as Hugging Face's LlamaPreTrainedModel (normal(0, 0.02), norms at 1). Separate from __init__
+        so that a model built on the meta device gets memory (`to_empty`) before any values are written."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, LoRALinear):
+                module.reset_adapter()
+        return self
+
+    def hidden_states(self, tokens=None, *, embeds=None, positions=None, mask=None, prefix_kv=None, cache=None):
+        """Final-normed hidden states (B, T, dim). See `forward` for the arguments."""
+        if (tokens is None) == (embeds is None):
+            raise ValueError("Transformer: pass exactly one of tokens or embeds")
+        x = self.embed_tokens(tokens) if embeds is None else embeds
+        B, T = x.shape[:2]
+        P = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
+        offset = 0 if cache is None else cache.length
+        mask = replace(mask or AttentionMask(), prefix_len=P, query_offset=offset, _built={})
+        if positions is None:
+            positions = torch.arange(P + offset, P + offset + T, device=x.device)
+            if mask.pad_left is not None:  # each row's first real token sits at position P
+                positions = (positions[None] - mask.pad_left[:, None].to(x.device)).clamp(min=0)
+        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if prefix_kv is None else prefix_kv[i], cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def forward(self, tokens=None, *, embeds=None, positions=None, mask=None, prefix_kv=None, cache=None):
+        """Logits (B, T, vocab).
+
+        tokens (B, T) long, or embeds (B, T, dim) (soft prompts, the synthetic regression model);
+        positions (T,) or (B, T) rotary positions, default P + cache length + arange(T) (minus left padding);
+        mask: AttentionMask (None = plain causal); prefix_kv: per layer (k, v), each (1 or B, Hkv, P, head_dim) with
+        keys already rotated for positions 0..P-1 (CT-KV, prefix tuning); cache: KVCache, appended in place.
+        """
+        h = self.hidden_states(tokens, embeds=embeds, positions=positions, mask=mask, prefix_kv=prefix_kv, cache=cache)
+        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+
+
+def create_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int | None = None) -> Transformer:
+    """Meta-device build, then memory on `device`, then random init."""
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device=device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model.init_weights()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KV cache and generation
+
+
+class KVCache:
+    """Per-layer keys/values (B, Hkv, max_len, head_dim), filled left to right; `length` positions are valid."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer_idx: int, k, v):
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache: {end} positions needed but the cache holds {self.max_len}")
+        self.k[layer_idx][:, :, self.length:end] = k
+        self.v[layer_idx][:, :, self.length:end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+    def prefix(self):
+        """The cached positions as a prefix_kv argument: list over layers of (k, v)."""
+        return [(k[:, :, :self.length], v[:, :, :self.length]) for k, v in zip(self.k, self.v)]
+
+
+def sample_next(logits, temperature: float = 0.0, top_p: float = 1.0, generator=None):
+    """Next token ids (B,) from logits (B, V): greedy at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set with mass >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature=0.0, top_p=1.0, eos_id=None,
+             pad_id=0, prefix_kv=None, generator=None):
+    """Continue a batch of token-id prompts (left-padded together). Returns the new tokens of each prompt, cut
+    before the first eos_id."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    param = next(model.parameters())
+    B, L = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, L), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p):] = torch.tensor(p)
+    tokens = tokens.to(param.device)
+    mask = AttentionMask(pad_left=torch.tensor([L - len(p) for p in prompts], device=param.device))
+    P = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
+    if P + L + max_new_tokens > model.cfg.max_seq_len:
+        print(f"warning: generating to {P + L + max_new_tokens} positions, past max_seq_len {model.cfg.max_seq_len}",
+              file=sys.stderr)
+    cache = KVCache(model.cfg, B, L + max_new_tokens, param.device, param.dtype)
+    logits = model(tokens, mask=mask, prefix_kv=prefix_kv, cache=cache)[:, -1]
+    new_tokens = [[] for _ in range(B)]
+    finished = [False] * B
+    for _ in range(max_new_tokens):
+        next_ids = sample_next(logits, temperature, top_p, generator)
+        for i, tok in enumerate(next_ids.tolist()):
+            if finished[i]:
+                continue
+            if tok == eos_id:
+                finished[i] = True
+            else:
+                new_tokens[i].append(tok)
+        if all(finished):
+            break
+        # Finished rows keep decoding (their tokens are ignored) so the batch stays rectangular.
+        logits = model(next_ids[:, None], mask=mask, prefix_kv=prefix_kv, cache=cache)[:, -1]
+    return new_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: Hugging Face folders (config.json + model.safetensors, or shards + model.safetensors.index.json)
+
+SHARD_BYTES = 5 * 1000**3  # the 5 GB shard size that transformers writes by default
+
+
+def hf_key(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def checkpoint_files(path) -> list[Path]:
+    """The safetensors files of a HF folder; a missing shard is an error naming it."""
+    path = Path(path)
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index (no weight_map: {e})") from None
+        for name in names:
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name}: shard listed in {index.name} is missing")
+        return [path / name for name in names]
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _copy_into(target: torch.Tensor, sliced) -> None:
+    """Copy one checkpoint tensor (a safetensors slice, read lazily) into a parameter, plain or FSDP2-sharded."""
+    from torch.distributed.tensor import DTensor, Shard
+    if isinstance(target, DTensor):
+        # FSDP2 shards dim 0 as torch.chunk does: rank r holds rows [r*ceil(n/W), ...). Read only those rows.
+        if list(target.placements) != [Shard(0)]:
+            raise ValueError(f"load: unsupported placements {target.placements}")
+        local = target.to_local()
+        rows_per_rank = math.ceil(target.shape[0] / target.device_mesh.size())
+        start = target.device_mesh.get_local_rank() * rows_per_rank
+        if local.shape[0]:
+            local.copy_(sliced[start:start + local.shape[0]])
+    else:
+        target.copy_(sliced[:])
+
+
+@torch.no_grad()
+def load_weights(model: Transformer, path) -> None:
+    """Stream a HF checkpoint into `model`, one tensor at a time (peak host memory ~ one tensor)."""
+    from safetensors import SafetensorError, safe_open
+    params = model.state_dict(keep_vars=True)
+    if any(".base." in name for name in params):
+        raise ValueError("load: apply LoRA after loading the base weights")
+    expected = {hf_key(name): name for name in params}
+    seen = set()
+    for file in checkpoint_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq"):  # older checkpoints store the rotary table; we compute it
+                        continue
+                    if key not in expected:
+                        raise ValueError(f"{file}: unexpected tensor {key} (not part of a Llama with this config.json)")
+                    target, sliced = params[expected[key]], f.get_slice(key)
+                    if tuple(sliced.get_shape()) != tuple(target.shape):
+                        raise ValueError(f"{file}: tensor {key} has shape {tuple(sliced.get_shape())}, "
+                                         f"config.json implies {tuple(target.shape)}")
+                    _copy_into(target, sliced)
+                    seen.add(key)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(f"{path}: checkpoint has no tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                            if len(missing) > 1 else ""))
+
+
+def load_pretrained(path, device="cpu", dtype=torch.float32) -> Transformer:
+    """A Transformer with the weights of a Hugging Face Llama folder."""
+    cfg = ModelConfig.from_hf(path)
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device=device)
+    load_weights(model, path)
+    return model
+
+
+@torch.no_grad()
+def save_pretrained(model: Transformer, path, dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES):
+    """Write a HF Llama folder that transformers and vLLM load unchanged. Works on FSDP2-sharded models when called
+    on every rank (each tensor is gathered in turn; rank 0 writes). Written into a temporary folder first and renamed,
+    so an interrupted save never leaves a half-written checkpoint at `path`; an existing non-empty `path` is refused."""
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not empty; refusing to overwrite it")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("save_pretrained: merge_lora(model) first (the HF layout has no adapters)")
+    is_writer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    dtype = dtype or next(model.parameters()).dtype
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) if is_writer else None
+    if is_writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    shards, current, current_bytes = [], {}, 0
+
+    def flush():
+        nonlocal current, current_bytes
+        if current:
+            shards.append(current)
+            if is_writer:
+                save_file(current, tmp / f"shard-{len(shards)}.safetensors", metadata={"format": "pt"})
+            current, current_bytes = {}, 0
+
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        tensor = tensor.detach().to("cpu", dtype).contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and current_bytes + nbytes > shard_bytes:
+            flush()
+        current[hf_key(name)] = tensor if is_writer else None
+        current_bytes += nbytes
+    flush()
+    if not is_writer:
+        return
+    (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf_dict(dtype), indent=2))
+    if len(shards) == 1:
+        os.rename(tmp / "shard-1.safetensors", tmp / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            os.rename(tmp / f"shard-{i}.safetensors", tmp / name)
+            weight_map.update({key: name for key in shard})
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if path.exists():
+        path.rmdir()  # empty (checked above)
+    os.rename(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021), hand-written: W x + (alpha / r) B A x, with B = 0 at the start so training starts at W.
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        w = base.weight
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, device=w.device, dtype=w.dtype))
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self):
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's default init, as PEFT uses for A
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+
+def _lora_targets(model, targets):
+    found = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if name in targets and isinstance(child, nn.Linear)]
+    if not found:
+        raise ValueError(f"apply_lora: no linear layer named any of {targets}")
+    return found
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
+               targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> nn.Module:
+    """Wrap the named linear layers with LoRA adapters; afterwards only the adapters are trainable."""
+    for parent, name in _lora_targets(model, targets):
+        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+    for name, p in model.named_parameters():
+        p.requires_grad = ".lora_" in name
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += scale * B A) and remove the wrappers."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                child.base.weight += (child.lora_b.float() @ child.lora_a.float() * child.scale).to(child.base.weight.dtype)
+                setattr(parent, name, child.base)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI: `python model.py --model tiny` (random weights) or `--checkpoint DIR --tokenizer FILE --prompt "..."`
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="tiny", help=f"preset when no --checkpoint: {', '.join(PRESETS)}")
+    parser.add_argument("--checkpoint", help="Hugging Face Llama folder (config.json + safetensors)")
+    parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model (needed for --prompt)")
+    parser.add_argument("--prompt", default="The patient presented with", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                        choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    try:
+        if args.checkpoint:
+            model = load_pretrained(args.checkpoint, args.device, dtype)
+        else:
+            cfg = ModelConfig.from_name(args.model)
+            with torch.device("meta"):
+                print(f"{args.model}: {sum(p.numel() for p in Transformer(cfg).parameters()):,} parameters")
+            model = create_model(cfg, args.device, dtype, seed=args.seed)
+        model.eval()
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        sampling = dict(temperature=args.temperature, top_p=args.top_p, generator=generator)
+        if args.tokenizer:
+            from data import Tokenizer
+            tok = Tokenizer(args.tokenizer)
+            tok.check_vocab(model.cfg.vocab_size)
+            ids = generate(model, [tok.encode(args.prompt, bos=True)], args.max_new_tokens, eos_id=tok.eos_id,
+                           **sampling)[0]
+            print(args.prompt + tok.decode(ids))
+        else:  # no tokenizer: show token ids continuing [BOS]
+            ids = generate(model, [[1]], args.max_new_tokens, eos_id=2, **sampling)[0]
+            print("generated token ids:", ids)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
