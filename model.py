@@ -14,10 +14,9 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -234,6 +233,19 @@ def attention(q, k, v, mask: AttentionMask, prefix=None):
     return _flex(q, k, v, mask, prefix, gqa)
 
 
+def folded_rule(mask: AttentionMask, n_queries: int, n_own_keys: int):
+    """`allowed` for a batch folded into one sequence: query qi = row * n_queries + t, key ki < P is the shared prefix,
+    key P + row * n_own_keys + j is row's own key j. Rows never see each other's own keys."""
+    P = mask.prefix_len
+
+    def mask_mod(_b, _h, qi, ki):
+        row, t = qi // n_queries, qi % n_queries
+        j = (ki - P).clamp(min=0)
+        key_in_row = torch.where(ki < P, ki, P + j % n_own_keys)
+        return ((ki < P) | (j // n_own_keys == row)) & allowed(mask, row, t, key_in_row)
+    return mask_mod
+
+
 def _flex(q, k, v, mask, prefix, gqa):
     """FlexAttention with a block mask: memory grows with the number of 128x128 blocks, not queries x keys."""
     B, H, T, D = q.shape
@@ -243,16 +255,10 @@ def _flex(q, k, v, mask, prefix, gqa):
     if prefix is not None and prefix[0].shape[0] == 1 and B > 1:
         # Shared prefix: fold the batch into the sequence axis, so the prefix is stored once:
         # queries (1, H, B*T, D) attend to [prefix | row 0's keys | row 1's keys | ...] (1, Hkv, P + B*S, D).
-        def folded_mask_mod(_b, _h, qi, ki):
-            row, t = qi // T, qi % T
-            j = (ki - P).clamp(min=0)
-            in_row = torch.where(ki < P, ki, P + j % S)
-            return ((ki < P) | (j // S == row)) & allowed(mask, row, t, in_row)
-
         fold = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], -1, D)  # (B, h, n, D) -> (1, h, B*n, D)
         keys = torch.cat([prefix[0], fold(k)], dim=2)
         values = torch.cat([prefix[1], fold(v)], dim=2)
-        block_mask = _block_mask(mask, ("folded", B, T, S), folded_mask_mod, 1, B * T, P + B * S, q.device)
+        block_mask = _block_mask(mask, ("folded", B, T, S), folded_rule(mask, T, S), 1, B * T, P + B * S, q.device)
         out = flex(fold(q), keys, values, block_mask=block_mask, enable_gqa=gqa)
         return out.view(H, B, T, D).transpose(0, 1)
     if prefix is not None:

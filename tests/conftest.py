@@ -1,0 +1,47 @@
+"""Shared test fixtures: tiny configs and a tiny sentencepiece tokenizer trained on generated text."""
+import io
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import ModelConfig  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+LLAMA_TOKENIZER = SHARED_DATA / "llama2-tokenizer" / "tokenizer.model"
+
+torch.set_num_threads(2)
+
+
+def tiny_cfg(vocab_size: int = 512, **overrides) -> ModelConfig:
+    """A model small enough for exact CPU tests: grouped-query attention (4 heads, 2 KV heads)."""
+    fields = dict(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=512)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def _generated_sentences(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    subjects = ["the patient", "a doctor", "the drug", "this trial", "the market", "a company", "the model", "we"]
+    verbs = ["reduced", "increased", "treated", "reported", "showed", "improved", "caused", "measured"]
+    objects = ["blood pressure", "the dose", "revenue", "side effects", "the risk", "inflammation", "profits", "pain"]
+    tails = ["in two weeks.", "after treatment.", "by ten percent.", "in the first quarter.", "without harm.", "."]
+    for _ in range(n):
+        yield " ".join([rng.choice(subjects).capitalize(), rng.choice(verbs), rng.choice(objects), rng.choice(tails)])
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> str:
+    """A sentencepiece model with 512 pieces, trained in about a second."""
+    import sentencepiece as spm
+    out = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=_generated_sentences(3000), model_writer=buffer, vocab_size=512,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   byte_fallback=True, minloglevel=2)
+    out.write_bytes(buffer.getvalue())
+    return str(out)

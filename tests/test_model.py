@@ -1,0 +1,325 @@
+"""model.py: exactness against transformers, the mask rule against a naive reference, cache, LoRA, bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import LLAMA_TOKENIZER, ROOT, tiny_cfg
+
+from model import (AttentionMask, KVCache, ModelConfig, Transformer, apply_lora, attention, create_model, dense_mask,
+                   folded_rule, generate, load_pretrained, merge_lora, save_pretrained)
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(cfg: ModelConfig, seed=0):
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
+    with torch.no_grad():  # HF initialises norms to 1; randomise them so a swapped norm weight cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
+CONFIGS = {"mha": tiny_cfg(n_kv_heads=4), "gqa": tiny_cfg(), "tied": tiny_cfg(tie_embeddings=True)}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("shard", ["none", "sharded"])
+def test_logits_match_transformers(tmp_path, name, shard):
+    cfg = CONFIGS[name]
+    reference = hf_model(cfg)
+    reference.save_pretrained(tmp_path, max_shard_size="60KB" if shard == "sharded" else "5GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == (shard == "sharded")
+    ours = load_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 23))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), reference(tokens).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shard_bytes", [10**10, 50_000])
+def test_save_pretrained_loads_in_transformers(tmp_path, shard_bytes):
+    cfg = tiny_cfg()
+    ours = create_model(cfg, seed=1).eval()
+    save_pretrained(ours, tmp_path / "out", shard_bytes=shard_bytes)
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists() == (shard_bytes < 10**10)
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(reference(tokens).logits, ours(tokens), atol=1e-4, rtol=0)
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        save_pretrained(ours, tmp_path / "out")
+
+
+def test_llama2_7b_preset_builds_on_meta():
+    cfg = ModelConfig.from_name("llama2-7b")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616 == cfg.num_params()
+    assert all(p.is_meta for p in model.parameters())
+    assert ModelConfig.from_name("llama2-70b-chat").n_kv_heads == 8
+    for name in ("llama2-13b", "llama2-70b", "tiny"):
+        with torch.device("meta"):
+            assert sum(p.numel() for p in Transformer(ModelConfig.from_name(name)).parameters()) == \
+                ModelConfig.from_name(name).num_params()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The attention mask against a naive reference: loops over (row, query, key), then softmax by hand.
+
+
+def naive_keep(B, T, P, S_own, offset=0, hidden_span=None, dropped=None, doc_ids=None, pad_left=None):
+    keep = torch.zeros(B, 1, T, P + S_own, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T):
+            me = P + offset + t
+            for key in range(P + S_own):
+                ok = key <= me
+                if pad_left is not None and P <= key < P + int(pad_left[b]) and key != me:
+                    ok = False
+                if doc_ids is not None and key >= P and doc_ids[b, key - P] != doc_ids[b, me - P]:
+                    ok = False
+                if hidden_span is not None:
+                    lo, hi = hidden_span[b].tolist()
+                    if lo <= key < hi and not lo <= me < hi:
+                        ok = False
+                if dropped is not None and key < dropped.shape[1] and dropped[b, key] and key != me:
+                    ok = False
+                keep[b, 0, t, key] = ok
+    return keep
+
+
+def naive_attention(q, k, v, keep):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(scores.masked_fill(~keep, float("-inf")), -1) @ v
+
+
+def mask_cases():
+    B, T, P = 3, 6, 5
+    g = torch.Generator().manual_seed(0)
+    yield "causal", dict(), 0
+    yield "prefix+leave-one-out", dict(hidden_span=torch.tensor([[0, 2], [2, 4], [4, 5]])), P
+    yield "token-dropout", dict(dropped=torch.rand(B, P, generator=g) < 0.4), P
+    yield "loo+dropout", dict(hidden_span=torch.tensor([[1, 3], [0, 1], [3, 5]]),
+                              dropped=torch.rand(B, P, generator=g) < 0.3), P
+    yield "packed-docs", dict(doc_ids=torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 0, 0], [0, 1, 2, 3, 4, 5]])), 0
+    yield "left-padding", dict(pad_left=torch.tensor([0, 2, 5])), 0
+    # strict CT-Prompt: the hidden span lies inside the sequence itself
+    yield "in-sequence-span", dict(hidden_span=torch.tensor([[0, 2], [2, 4], [1, 3]])), 0
+    in_sequence_drop = torch.rand(B, 4, generator=g) < 0.5
+    in_sequence_drop[:, 0] = True  # query 0 keeps its own (dropped) key: no empty row
+    yield "in-sequence-dropout", dict(dropped=in_sequence_drop), 0
+
+
+@pytest.mark.parametrize("case", list(mask_cases()), ids=lambda c: c[0])
+def test_attention_equals_naive_reference(case):
+    _, fields, P = case
+    B, H, Hkv, T, D = 3, 4, 2, 6, 8
+    q = torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, T, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, T, D, dtype=torch.float64, requires_grad=True)
+    prefix = None
+    if P:
+        prefix = tuple(torch.randn(1, Hkv, P, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = AttentionMask(prefix_len=P, **fields)
+    out = attention(q, k, v, mask, prefix)
+    keep = naive_keep(B, T, P, T, **fields)
+    k_all = k if prefix is None else torch.cat([prefix[0].expand(B, -1, -1, -1), k], 2)
+    v_all = v if prefix is None else torch.cat([prefix[1].expand(B, -1, -1, -1), v], 2)
+    ref = naive_attention(q, k_all, v_all, keep)
+    torch.testing.assert_close(out, ref)
+    inputs = [q, k, v] + ([] if prefix is None else list(prefix))
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, upstream)
+    ref_grads = torch.autograd.grad(ref, inputs, upstream)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_leave_one_out_gradient_is_exactly_zero_on_hidden_span():
+    B, H, T, D, P = 2, 2, 4, 8, 6
+    prefix = [torch.randn(1, H, P, D, requires_grad=True) for _ in range(2)]
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    mask = AttentionMask(prefix_len=P, hidden_span=torch.tensor([[0, 3], [3, 6]]))
+    out = attention(q, k, v, mask, prefix)
+    grad_k, _ = torch.autograd.grad(out[0].sum(), prefix)  # row 0 hides prefix positions 0..2
+    assert torch.all(grad_k[:, :, :3] == 0) and torch.all(grad_k[:, :, 3:].abs().sum((0, 1, 3)) > 0)
+
+
+def test_folded_rule_equals_per_row_rule():
+    """The CUDA path folds a shared-prefix batch into one sequence; its mask must be the per-row mask, rearranged."""
+    B, T, S, P = 3, 4, 6, 5
+    mask = AttentionMask(prefix_len=P, query_offset=S - T, hidden_span=torch.tensor([[0, 2], [2, 4], [4, 5]]),
+                         dropped=torch.rand(B, P) < 0.3, pad_left=torch.tensor([0, 1, 2]))
+    per_row = dense_mask(mask, B, T, P + S)[:, 0]  # (B, T, P + S)
+    qi = torch.arange(B * T).view(-1, 1)
+    ki = torch.arange(P + B * S).view(1, -1)
+    folded = folded_rule(mask, T, S)(0, 0, qi, ki).view(B, T, P + B * S)
+    for b in range(B):
+        own = slice(P + b * S, P + (b + 1) * S)
+        assert torch.equal(folded[b, :, :P], per_row[b, :, :P])
+        assert torch.equal(folded[b, :, own], per_row[b, :, P:])
+        assert not folded[b, :, P:].sum() - folded[b, :, own].sum()  # nothing from other rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward variants: prefix KV, explicit positions, embeddings, cache
+
+
+def test_prefix_kv_and_cache_equal_full_forward():
+    cfg = tiny_cfg()
+    model = create_model(cfg, seed=0).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(cfg, 1, 12)
+        model(tokens[:, :12], cache=cache)
+        with_prefix = model(tokens[:, 12:], prefix_kv=cache.prefix())  # positions start at P = 12
+        embeds = model(embeds=model.embed_tokens(tokens))
+        explicit = model(tokens[:, 12:], prefix_kv=cache.prefix(), positions=torch.arange(12, 20))
+    torch.testing.assert_close(with_prefix, full[:, 12:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(explicit, with_prefix)
+    torch.testing.assert_close(embeds, full)
+
+
+def test_generation_with_cache_equals_full_forward_steps():
+    cfg = tiny_cfg()
+    model = create_model(cfg, seed=0).eval()
+    prompts = [[1, 5, 9, 33, 7], [1, 200], [1, 3, 4, 5, 6, 7, 8, 9]]
+    batched = generate(model, prompts, 12)
+    for prompt, got in zip(prompts, batched):
+        tokens, step_logits = list(prompt), []
+        with torch.no_grad():
+            for _ in range(12):
+                logits = model(torch.tensor([tokens]))[0, -1]
+                step_logits.append(logits)
+                tokens.append(int(logits.argmax()))
+        assert got == tokens[len(prompt):]
+    # logits of the cached decode path equal those of the full forward
+    with torch.no_grad():
+        cache = KVCache(cfg, 1, 30)
+        seq = torch.tensor([prompts[2] + batched[2]])
+        model(seq[:, :8], cache=cache)
+        for i in range(8, seq.shape[1]):
+            cached = model(seq[:, i:i + 1], cache=cache)[0, -1]
+            torch.testing.assert_close(cached, model(seq[:, :i + 1])[0, -1], atol=1e-5, rtol=0)
+
+
+def test_generate_stops_at_eos_and_samples_reproducibly():
+    cfg = tiny_cfg()
+    model = create_model(cfg, seed=0).eval()
+    greedy = generate(model, [[1, 5]], 6)[0]
+    assert generate(model, [[1, 5]], 6, eos_id=greedy[2])[0] == greedy[:2]
+    run = lambda: generate(model, [[1, 5], [1, 7, 8]], 8, temperature=1.0, top_p=0.9,
+                           generator=torch.Generator().manual_seed(3))
+    assert run() == run()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_trains_only_adapters_and_merges_exactly():
+    cfg = tiny_cfg()
+    model = create_model(cfg, seed=0).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 10))
+    before = model(tokens).detach()
+    apply_lora(model, rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 3 * cfg.n_layers
+    torch.testing.assert_close(model(tokens), before)  # B = 0 at the start
+    model(tokens).sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_b" in n:
+                p.normal_(0, 0.1)
+    adapted = model(tokens).detach()
+    assert not torch.allclose(adapted, before)
+    merge_lora(model)
+    assert not any(".lora_" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(model(tokens), adapted, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI and bad input: one clear line, non-zero exit
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "model.py"), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def saved_tiny(tmp_path):
+    model = create_model(tiny_cfg(), seed=0)
+    save_pretrained(model, tmp_path / "ckpt", shard_bytes=50_000)
+    return tmp_path / "ckpt"
+
+
+def test_cli_random_tiny_model_runs():
+    result = run_cli("--model", "tiny", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and "generated token ids" in result.stdout
+
+
+def test_cli_generates_from_checkpoint(saved_tiny, tokenizer_path):
+    result = run_cli("--checkpoint", str(saved_tiny), "--tokenizer", tokenizer_path, "--prompt", "The patient",
+                     "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The patient")
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_input_unknown_preset():
+    assert_one_line_error(run_cli("--model", "llama9-1b"), "unknown model preset 'llama9-1b'")
+
+
+def test_bad_input_missing_shard(saved_tiny):
+    shard = sorted(saved_tiny.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    assert_one_line_error(run_cli("--checkpoint", str(saved_tiny)), shard.name, "missing")
+
+
+def test_bad_input_truncated_safetensors(saved_tiny):
+    shard = sorted(saved_tiny.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    assert_one_line_error(run_cli("--checkpoint", str(saved_tiny)), shard.name, "truncated or corrupt")
+
+
+def test_bad_input_shape_disagrees_with_config(saved_tiny):
+    config = json.loads((saved_tiny / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (saved_tiny / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run_cli("--checkpoint", str(saved_tiny)), "has shape", "config.json implies")
+
+
+def test_bad_input_tokenizer_vocab_mismatch(saved_tiny):
+    if not LLAMA_TOKENIZER.exists():
+        pytest.skip("../shared/data/llama2-tokenizer not present")
+    result = run_cli("--checkpoint", str(saved_tiny), "--tokenizer", str(LLAMA_TOKENIZER))
+    assert_one_line_error(result, "32000 tokens", "512")
+
+
+def test_real_llama_tokenizer_round_trip():
+    if not LLAMA_TOKENIZER.exists():
+        pytest.skip("../shared/data/llama2-tokenizer not present")
+    from data import Tokenizer
+    tok = Tokenizer(LLAMA_TOKENIZER)
+    text = "The patient presented with acute myocardial infarction."
+    assert tok.encode(text) == [450, 16500, 9132, 411, 1274, 1082, 590, 542, 538, 616, 3041, 279, 428, 29889]  # SOURCE.md
+    assert tok.encode(text, bos=True, eos=True)[0] == 1 and tok.decode(tok.encode(text)) == text
