@@ -157,8 +157,7 @@ def _fincausal(root):
     with gzip.open(root / "fincausal2020/fnp2020-fincausal2-task1_practice_13478.csv.gz", "rt", encoding="utf-8",
                    newline="") as f:
         train = read(f)
-    seen = {x for x, _ in test}  # the practice release repeats trial sentences: never show a test item as a demo
-    return [("fincausal", [ex for ex in train if ex[0] not in seen], test, ["noise", "causal"])]
+    return [("fincausal", train, test, ["noise", "causal"])]
 
 
 def _mmlu_medical(root):
@@ -187,6 +186,10 @@ def make_tasks(name: str, data_dir, k: int, seed: int = 0, max_queries: int = 0)
     rng = random.Random(seed)
     tasks = []
     for sub, train, test, options in pools:
+        # Never show a test item as a demonstration: FinCausal's practice release repeats trial sentences and MultiFin
+        # repeats headlines (e.g. "Careers") across splits under different ids.
+        test_inputs = {x for x, _ in test}
+        train = [ex for ex in train if ex[0] not in test_inputs]
         if len(train) < k:
             raise ValueError(f"{sub}: only {len(train)} demonstrations available (train/dev split), --k {k} asked")
         demos = rng.sample(train, k)
@@ -358,6 +361,27 @@ def optimise(params, batch_loss, n_rows: int, cfg: TuneConfig, desc: str):
         schedule.step()
 
 
+def kv_pair_losses(model, head, pairs, rows, prefix_kv, spans=None, dropped=None):
+    """CT-KV / prefix tuning loss of training pairs `rows` (pairs = Episode.pairs()) after a prefix, per pair:
+    the pairs' positions start at P, span i is hidden from pair i, dropped prefix positions are invisible."""
+    embeds, targets, keep = pairs
+    mask = AttentionMask(hidden_span=None if spans is None else spans[rows.to(spans.device)], dropped=dropped)
+    hidden = model.hidden_states(embeds=embeds[rows], prefix_kv=prefix_kv, mask=mask)
+    return row_losses(head, hidden, targets[rows], keep[rows])
+
+
+def prompt_pair_losses(model, head, pairs, rows, prompt, spans=None, dropped=None):
+    """CT-Prompt / prompt tuning loss of pairs `rows` after a soft prompt (1, P, dim) run through the model with them.
+    Strict leave-one-out: span i is hidden from every later position of row i, prompt positions included."""
+    embeds, targets, keep = pairs
+    n, P = len(rows), prompt.shape[1]
+    x = torch.cat([prompt.expand(n, -1, -1), embeds[rows]], dim=1)
+    row_targets = torch.cat([targets.new_zeros(n, P), targets[rows]], dim=1)
+    row_keep = torch.cat([keep.new_zeros(n, P), keep[rows]], dim=1)
+    mask = AttentionMask(hidden_span=None if spans is None else spans[rows.to(spans.device)], dropped=dropped)
+    return row_losses(head, model.hidden_states(embeds=x, mask=mask), row_targets, row_keep)
+
+
 def tune_kv(model, head, ep: Episode, kv, cfg: TuneConfig, spans=None, dropout=0.0, desc="ct-kv"):
     """CT-KV (kv from the demonstrations, spans = leave-one-out) and prefix tuning (kv from random tokens, no spans).
 
@@ -366,17 +390,15 @@ def tune_kv(model, head, ep: Episode, kv, cfg: TuneConfig, spans=None, dropout=0
     for all k pairs: model.py's attention shares it across rows without copying it per row."""
     dtype = model_dtype(model)
     params = [nn.Parameter(t.detach().float().clone()) for layer in kv for t in layer]
-    embeds, targets, keep = ep.pairs()
+    pairs = ep.pairs()
     P = kv[0][0].shape[2]
 
     def prefix():
         return [(params[2 * i].to(dtype), params[2 * i + 1].to(dtype)) for i in range(len(kv))]
 
     def batch_loss(rows, generator):
-        mask = AttentionMask(hidden_span=None if spans is None else spans[rows.to(spans.device)],
-                             dropped=dropout_mask(len(rows), P, dropout, generator, embeds.device))
-        hidden = model.hidden_states(embeds=embeds[rows], prefix_kv=prefix(), mask=mask)
-        return row_losses(head, hidden, targets[rows], keep[rows])
+        dropped = dropout_mask(len(rows), P, dropout, generator, pairs[0].device)
+        return kv_pair_losses(model, head, pairs, rows, prefix(), spans, dropped)
 
     optimise(params, batch_loss, len(ep.demos), cfg, desc)
     with torch.no_grad():
@@ -388,17 +410,11 @@ def tune_prompt(model, head, ep: Episode, prompt, cfg: TuneConfig, spans=None, d
     tokens, no spans). Every pair re-runs the whole prompt through the model: time quadratic in k. fp32 master copy."""
     dtype = model_dtype(model)
     param = nn.Parameter(prompt.detach().float().clone())  # (1, P, dim)
-    embeds, targets, keep = ep.pairs()
-    P = prompt.shape[1]
+    pairs = ep.pairs()
 
     def batch_loss(rows, generator):
-        n = len(rows)
-        x = torch.cat([param.to(dtype).expand(n, -1, -1), embeds[rows]], dim=1)
-        row_targets = torch.cat([targets.new_zeros(n, P), targets[rows]], dim=1)
-        row_keep = torch.cat([keep.new_zeros(n, P), keep[rows]], dim=1)
-        mask = AttentionMask(hidden_span=None if spans is None else spans[rows.to(spans.device)],
-                             dropped=dropout_mask(n, P, dropout, generator, x.device))
-        return row_losses(head, model.hidden_states(embeds=x, mask=mask), row_targets, row_keep)
+        dropped = dropout_mask(len(rows), prompt.shape[1], dropout, generator, pairs[0].device)
+        return prompt_pair_losses(model, head, pairs, rows, param.to(dtype), spans, dropped)
 
     optimise([param], batch_loss, len(ep.demos), cfg, desc)
     return param.detach().to(dtype)
