@@ -22,12 +22,9 @@ demonstrations as tensors) -> the methods -> evaluation (option log-likelihood /
 """
 import argparse
 import copy
-import csv
-import gzip
 import json
 import math
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -38,10 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import evaluate as ev
 from model import AttentionMask, KVCache, apply_lora, generate, load_pretrained, merge_lora
 
 METHODS = ("zero-shot", "icl", "prompt-tuning", "prefix-tuning", "ct-prompt", "ct-kv", "ttt", "ttt+ct-kv")
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -116,85 +113,38 @@ def load_tasks(path) -> list[Task]:
     return tasks
 
 
-# Converters: the shared data's labelled files -> (pool of demonstrations, test queries, options). Prompt formats follow
-# the usual "Field: text\nLabel:" layout (FLARE/FinBen for the finance sets, Hendrycks et al. for MMLU); the label is
-# the output, the label set the options.
+# Converters: the shared datasets, read by evaluate.py's loaders (one reader and one prompt format per dataset, the
+# FLARE/lm-evaluation-harness prompts) and cut into k-shot tasks: demonstrations from train/dev, queries from test.
+TEXT_TASKS = {"multifin-en": "multifin", "fiqa-sa": "fiqa-sa", "causal20": "causal20", "mmlu-medical": "mmlu-medical"}
 
 
-def _jsonl(path):
-    with (gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _multifin(root):
-    labels = sorted(json.loads((root / "multifin/high2idx.json").read_text()).items(), key=lambda kv: kv[1])
-    options = [name for name, _ in labels]
-    fmt = lambda r: (f"Headline: {r['text']}\nTopic:", r["label"])
-    train = [fmt(r) for r in _jsonl(root / "multifin/only-english-highlevel_train.jsonl")]
-    test = [fmt(r) for r in _jsonl(root / "multifin/en_test_highlevel_546.jsonl")]
-    return [("multifin-en", train, test, options)]
-
-
-def _fiqa(root):
-    fmt = lambda text, label: (f"Text: {text}\nSentiment:", label)
-    train = []
-    for r in _jsonl(root / "fiqa-sa/pixiu_train.jsonl.gz"):
-        if int(r["id"].removeprefix("fiqasa")) % 10:  # each item comes in 10 prompt templates; keep the first
-            continue
-        text = re.search(r"Text: (.*)\nAnswer:$", r["conversations"][0]["value"], re.S).group(1)
-        train.append(fmt(text, r["conversations"][1]["value"]))
-    test = [fmt(r["text"], r["label"]) for r in _jsonl(root / "fiqa-sa/test_235.jsonl")]
-    return [("fiqa-sa", train, test, ["Positive", "Negative", "Neutral"])]
-
-
-def _fincausal(root):
-    def read(f):
-        rows = csv.DictReader(f, delimiter=";", skipinitialspace=True)
-        return [(f"Sentence: {r['Text'].strip()}\nCausal or noise?", "causal" if r["Gold"].strip() == "1" else "noise")
-                for r in rows]
-    with open(root / "fincausal2020/fnp2020-fincausal-task1_trial_8628.csv", encoding="utf-8", newline="") as f:
-        test = read(f)
-    with gzip.open(root / "fincausal2020/fnp2020-fincausal2-task1_practice_13478.csv.gz", "rt", encoding="utf-8",
-                   newline="") as f:
-        train = read(f)
-    return [("fincausal", train, test, ["noise", "causal"])]
-
-
-def _mmlu_medical(root):
-    subjects = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
-                "professional_medicine")
-
-    def read(path):
-        with open(path, encoding="utf-8", newline="") as f:
-            return [(f"Question: {q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:", gold) for q, a, b, c, d, gold in csv.reader(f)]
-    return [(f"mmlu-{s}", read(root / f"mmlu-medical/dev/{s}_dev.csv"), read(root / f"mmlu-medical/test/{s}_test.csv"),
-             ["A", "B", "C", "D"]) for s in subjects]
-
-
-CONVERTERS = {"multifin-en": _multifin, "fiqa-sa": _fiqa, "fincausal": _fincausal, "mmlu-medical": _mmlu_medical}
+def _pools(name: str, root: Path):
+    """[(task name, demonstration pool, test examples)] as evaluate.Example lists."""
+    if name == "mmlu-medical":  # one task per subject; the pool is the subject's 5 dev questions
+        folder = root / "mmlu-medical"
+        return [(f"mmlu-{s}", ev.load_mmlu(folder / "dev" / f"{s}_dev.csv"),
+                 ev.load_mmlu(folder / "test" / f"{s}_test.csv")) for s in ev.MMLU_SUBJECTS]
+    test_file, pool_file, load = ev.CLASSIFICATION[TEXT_TASKS[name]]
+    return [(name, load(root / pool_file), load(root / test_file))]
 
 
 def make_tasks(name: str, data_dir, k: int, seed: int = 0, max_queries: int = 0) -> list[Task]:
-    """k-shot tasks from a shared dataset: k demonstrations drawn from train/dev, queries from test."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such data folder (pass --data-dir, the folder holding multifin/ etc.)")
-    try:
-        pools = CONVERTERS[name](root)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{name}: missing data file {e.filename}") from None
-    rng = random.Random(seed)
+    """k-shot tasks from a shared dataset (see TEXT_TASKS)."""
+    if name not in TEXT_TASKS:
+        raise ValueError(f"--tasks {name}: neither a .jsonl task file nor one of {', '.join(TEXT_TASKS)}")
     tasks = []
-    for sub, train, test, options in pools:
-        # Never show a test item as a demonstration: FinCausal's practice release repeats trial sentences and MultiFin
-        # repeats headlines (e.g. "Careers") across splits under different ids.
-        test_inputs = {x for x, _ in test}
-        train = [ex for ex in train if ex[0] not in test_inputs]
-        if len(train) < k:
-            raise ValueError(f"{sub}: only {len(train)} demonstrations available (train/dev split), --k {k} asked")
-        demos = rng.sample(train, k)
-        queries = rng.sample(test, max_queries) if 0 < max_queries < len(test) else test
-        tasks.append(Task(f"{sub}/k{k}/seed{seed}", demos, [Query(x, y, options) for x, y in queries]))
+    for sub, pool, test in _pools(name, Path(data_dir)):
+        # A demonstration must never be a test item: FinCausal's practice release repeats trial sentences and MultiFin
+        # repeats headlines ("Careers") across splits under different ids.
+        test_texts = {e.text for e in test}
+        pool = [e for e in pool if e.text not in test_texts]
+        if len(pool) < k:
+            raise ValueError(f"{sub}: only {len(pool)} demonstrations available (train/dev split), --k {k} asked")
+        demos = ev.sample_demos(pool, k, seed)
+        if 0 < max_queries < len(test):
+            test = random.Random(seed).sample(test, max_queries)
+        tasks.append(Task(f"{sub}/k{k}/seed{seed}", [(e.text, e.choices[e.gold]) for e in demos],
+                          [Query(e.text, e.choices[e.gold], list(e.choices)) for e in test]))
     return tasks
 
 
@@ -568,8 +518,8 @@ def main(argv=None):
     parser.add_argument("--checkpoint", help="Hugging Face Llama folder (config.json + safetensors)")
     parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model of the checkpoint")
     parser.add_argument("--tasks", default="multifin-en",
-                        help=f"a task JSONL file, or a shared dataset: {', '.join(CONVERTERS)}")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder of the shared datasets")
+                        help=f"a task JSONL file, or a shared dataset: {', '.join(TEXT_TASKS)}")
+    parser.add_argument("--data-dir", default=str(ev.DEFAULT_DATA_DIR), help="folder of the shared datasets")
     parser.add_argument("--k", type=int, default=16, help="demonstrations per task (shared datasets)")
     parser.add_argument("--max-queries", type=int, default=0, help="random subset of test queries per task (0: all)")
     parser.add_argument("--write-tasks", help="write the k-shot tasks as JSONL to this new file and stop")

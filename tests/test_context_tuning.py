@@ -192,7 +192,7 @@ def test_cli_runs_writes_and_resumes(setup, tmp_path, tokenizer_path, capsys):
 
 @pytest.mark.skipif(not (SHARED_DATA / "multifin").is_dir(), reason="shared data absent")
 def test_converters_make_k_shot_tasks_from_the_shared_data(tmp_path):
-    sizes = {"multifin-en": (546, 6), "fiqa-sa": (235, 3), "fincausal": (8628, 2)}
+    sizes = {"multifin-en": (546, 6), "fiqa-sa": (235, 3), "causal20": (8628, 2)}
     for name, (n_queries, n_options) in sizes.items():
         (task,) = ct.make_tasks(name, SHARED_DATA, 16, seed=1)
         assert len(task.demos) == 16 and len(task.queries) == n_queries
@@ -202,6 +202,8 @@ def test_converters_make_k_shot_tasks_from_the_shared_data(tmp_path):
     assert len(mmlu) == 6 and all(len(t.queries) == 10 and t.queries[0].options == list("ABCD") for t in mmlu)
     with pytest.raises(ValueError, match="mmlu-anatomy: only 5 demonstrations"):
         ct.make_tasks("mmlu-medical", SHARED_DATA, 16)
+    with pytest.raises(SystemExit, match="--tasks nosuch: neither a .jsonl task file nor one of multifin-en"):
+        ct.main(["--tasks", "nosuch", "--write-tasks", str(tmp_path / "x.jsonl")])
     out = tmp_path / "fiqa.jsonl"
     ct.main(["--tasks", "fiqa-sa", "--k", "4", "--max-queries", "20", "--write-tasks", str(out)])
     (task,) = ct.load_tasks(out)  # the written file reads back through the validator
