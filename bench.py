@@ -1,10 +1,12 @@
 """Benchmarks for the GPU machine (each also runs on CPU at a tiny size with --tiny, as a smoke test).
 
     python bench.py attention [--tiny]     fused attention vs SDPA's cuDNN/flash backends; fused vs exact parity
+    python bench.py ct [--tiny]            context tuning: step time and memory vs k for CT-KV, CT-Prompt, TTT
 
 Each subcommand prints a markdown table for BENCHMARKS.md. Timings: CUDA events, warm-up first, median of repeats.
 """
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -121,7 +123,8 @@ def bench_attention(argv):
     print(table(attention_parity(device, dtype), ["mask", "output", "worst grad", ""]))
 
     scale = 8 if args.tiny else 1
-    rand = lambda *shape: torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+    # q, k, v in the layout the model hands to attention(): a (B, H, T, D) view of (B, T, H, D) projections
+    rand = lambda B, H, T, D: torch.randn(B, T, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
     rows = []
 
     # (a) causal, batch 8 x 4096 tokens, 32 heads of 128
@@ -173,8 +176,97 @@ def bench_attention(argv):
     print(table(rows, ["shape", "implementation", "ms", "TFLOP/s", "extra peak GiB"]))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# ct: context tuning's cost against the number of demonstrations k
+
+
+def log_log_slope(ks, times) -> float:
+    """Least-squares slope of log(time) on log(k): 1 = linear in k, 2 = quadratic."""
+    x, y = [math.log(k) for k in ks], [math.log(t) for t in times]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+
+
+def bench_ct(argv):
+    import context_tuning as ct
+    from model import ModelConfig, create_model, merge_lora
+    parser = argparse.ArgumentParser(prog="bench.py ct", description="context tuning: time per optimisation step and "
+                                     "peak memory against k, for CT-KV, CT-Prompt and TTT (random-weight Llama shapes)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny preset, k up to 16 (CPU smoke test)")
+    parser.add_argument("--sizes", default="1b,7b", help="comma list of 1b (TinyLlama-1.1B shape), 7b (Llama-2-7B)")
+    parser.add_argument("--ks", default="2,4,8,16,32,64", help="numbers of demonstrations")
+    parser.add_argument("--methods", default="ct-kv,ct-prompt,ttt")
+    parser.add_argument("--demo-tokens", type=int, default=32, help="tokens per demonstration (the last 8 are y_i)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median), after one warm-up step")
+    parser.add_argument("--max-tokens", type=int, default=4096,
+                        help="tokens per forward/backward: longer batches of pairs go in micro-batches (same step)")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    shapes = {"1b": ModelConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632),
+              "7b": ModelConfig.from_name("llama2-7b")}
+    sizes = {"tiny": ModelConfig.from_name("tiny")} if args.tiny else {s: shapes[s] for s in args.sizes.split(",")}
+    ks = [2, 4, 8, 16] if args.tiny else [int(k) for k in args.ks.split(",")]
+    methods, L = args.methods.split(","), args.demo_tokens
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; {dtype}; "
+          f"{L} tokens per demonstration; median of {args.steps} steps after 1 warm-up")
+    rows, times = [], {}
+    for size, cfg in sizes.items():
+        model = create_model(cfg, device, dtype, seed=0).eval().requires_grad_(False)
+        head = ct.TokenHead(model)
+        for k in ks:
+            gen = torch.Generator().manual_seed(k)
+            demos = [ct.token_demo(model, torch.randint(3, cfg.vocab_size, (L,), generator=gen).tolist(), L - 8)
+                     for _ in range(k)]
+            ep = ct.Episode(ct.token_lead(model, 1), demos)
+            P = ep.context().shape[1]
+            for method in methods:
+                row_len = {"ct-kv": L, "ct-prompt": P + L, "ttt": P}[method]
+                per_forward = max(1, args.max_tokens // row_len)
+                stamps = []
+
+                def on_step():
+                    if cuda:
+                        torch.cuda.synchronize()
+                    stamps.append(time.perf_counter())
+                tune = ct.TuneConfig(steps=1 + args.steps, micro_batch=per_forward if per_forward < k else 0,
+                                     progress=False, on_step=on_step)
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if cuda else 0
+                try:
+                    if method == "ct-kv":
+                        ct.tune_kv(model, head, ep, ct.prefix_kv_of(model, ep.context()), tune, ep.spans(), 0.05)
+                    elif method == "ct-prompt":
+                        ct.tune_prompt(model, head, ep, ep.context(), tune, ep.spans(), 0.05)
+                    else:
+                        merge_lora(ct.tune_lora(model, head, ep, tune))  # merging removes the adapters again
+                except torch.cuda.OutOfMemoryError:
+                    rows.append((size, k, P, method, "OOM", "", ""))
+                    continue
+                ms = statistics.median(b - a for a, b in zip(stamps, stamps[1:])) * 1e3
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
+                times.setdefault((size, method), {})[k] = ms
+                rows.append((size, k, P, method, f"{ms:.1f}", f"{peak:.2f}", math.ceil(k / min(per_forward, k))))
+                print(*rows[-1], sep="\t", flush=True)
+        del model, head
+    print("\nTime per optimisation step and peak memory above the weights:")
+    print(table(rows, ["model", "k", "prefix tokens P", "method", "ms/step", "peak GiB", "micro-batches"]))
+    summary = []
+    for (size, method), by_k in times.items():
+        ratio = ""
+        if method == "ct-prompt" and 16 in by_k and 16 in times.get((size, "ct-kv"), {}):
+            ratio = f"{by_k[16] / times[(size, 'ct-kv')][16]:.1f}x"
+        summary.append((size, method, f"{log_log_slope(list(by_k), list(by_k.values())):.2f}" if len(by_k) > 1 else "",
+                        ratio))
+    print("\nLog-log slope of step time against k (goal: CT-KV <= 1.1), CT-Prompt/CT-KV time at k = 16 (goal >= 3x):")
+    print(table(summary, ["model", "method", "slope", "CT-Prompt / CT-KV at k=16"]))
+
+
 SUBCOMMANDS = {
     "attention": bench_attention,
+    "ct": bench_ct,
 }
 
 

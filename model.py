@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -197,7 +198,10 @@ def _compiled_flex():
     global _flex_attention
     if _flex_attention is None:
         from torch.nn.attention.flex_attention import flex_attention
-        _flex_attention = torch.compile(flex_attention, dynamic=False)
+        # Every new (batch, length) recompiles until dynamo marks the shape dynamic; the default limit of 8 would
+        # silently fall back to an unfused kernel that materialises all scores, so allow more.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _flex_attention = torch.compile(flex_attention)
     return _flex_attention
 
 
@@ -205,7 +209,9 @@ def _block_mask(mask: AttentionMask, key, mask_mod, batch, n_queries, n_keys, de
     # Built once per forward and shared by every layer (the description object lives for one forward).
     if key not in mask._built:
         from torch.nn.attention.flex_attention import create_block_mask
-        mask._built[key] = create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device, _compile=True)
+        with warnings.catch_warnings():  # _compile=True: evaluate the rule block-wise, never as a dense Q x K tensor
+            warnings.simplefilter("ignore", DeprecationWarning)
+            mask._built[key] = create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device, _compile=True)
     return mask._built[key]
 
 
