@@ -112,7 +112,7 @@ PRESETS = {
     "llama2-7b": _llama2_7b, "llama2-7b-chat": _llama2_7b,
     "llama2-13b": _llama2_13b, "llama2-13b-chat": _llama2_13b,
     "llama2-70b": _llama2_70b, "llama2-70b-chat": _llama2_70b,
-    # ~8.6M parameters (most of them the 32k-token embeddings), grouped-query attention: CPU tests and demos.
+    # 8.9M parameters (most of them the 32k-token embeddings), grouped-query attention: CPU tests and demos.
     "tiny": ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=1024),
 }
 
