@@ -2,6 +2,7 @@
 
     python bench.py attention [--tiny]     fused attention vs SDPA's cuDNN/flash backends; fused vs exact parity
     python bench.py ct [--tiny]            context tuning: step time and memory vs k for CT-KV, CT-Prompt, TTT
+    python bench.py eval [--tiny]          evaluate.py scoring vs naive transformers scoring (MMLU-medical, MedQA)
 
 Each subcommand prints a markdown table for BENCHMARKS.md. Timings: CUDA events, warm-up first, median of repeats.
 """
@@ -264,9 +265,93 @@ def bench_ct(argv):
     print(table(summary, ["model", "method", "slope", "CT-Prompt / CT-KV at k=16"]))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# eval: evaluate.py's scoring against transformers scoring the same prompts one question at a time
+
+
+def bench_eval(argv):
+    from pathlib import Path
+
+    import transformers
+
+    import evaluate as ev
+    from data import Tokenizer
+    from model import ModelConfig, create_model, hf_key
+    parser = argparse.ArgumentParser(prog="bench.py eval", description="evaluate.py's log-likelihood scoring (shared "
+                                     "prefix encoded once, length-sorted right-padded batches, one forward per "
+                                     "question) vs transformers' LlamaForCausalLM scoring the same prompts naively "
+                                     "(one question at a time, full prompt, full logits); same random weights")
+    parser.add_argument("--tiny", action="store_true", help="the tiny preset instead of llama2-7b (CPU smoke test)")
+    parser.add_argument("--data-dir", default=str(ev.DEFAULT_DATA_DIR),
+                        help="laid out as ../shared/data: mmlu-medical/, medqa-usmle-4opt/, llama2-tokenizer/")
+    parser.add_argument("--limit", type=int, help="first N questions of each MMLU subject and of MedQA")
+    parser.add_argument("--batch-tokens", type=int, default=16384, help="evaluate.py's padded tokens per batch")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    preset = "tiny" if args.tiny else "llama2-7b"
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+          f"transformers {transformers.__version__}; {preset} shapes, random weights, {str(dtype)[6:]}")
+
+    tok = Tokenizer(Path(args.data_dir) / "llama2-tokenizer" / "tokenizer.model")
+    start = time.perf_counter()
+    tasks = {"MMLU-medical 5-shot": ("mmlu-medical", 5), "MedQA 0-shot": ("medqa", 0)}
+    questions = {name: [ev.encode_question(tok, q) for q in ev.build_task(task, args.data_dir, k, limit=args.limit)]
+                 for name, (task, k) in tasks.items()}
+    print(f"tokenized {sum(map(len, questions.values()))} questions in {time.perf_counter() - start:.1f} s "
+          "(shared by both paths, not timed)")
+
+    ours = create_model(ModelConfig.from_name(preset), device, dtype, seed=0).eval()
+    fields = {k: v for k, v in ours.cfg.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")}
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build the reference directly in bf16 (a fp32 7B would need 27 GB first)
+    with torch.device(device):
+        reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
+    torch.set_default_dtype(default_dtype)
+    reference.load_state_dict({hf_key(name): p for name, p in ours.state_dict().items()})
+
+    def seconds(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    naive_logits = lambda tokens: reference(tokens.to(device)).logits
+    rows, totals = [], [0, 0.0, 0.0, 0.0]
+    for name, qs in questions.items():
+        fast_run = lambda: ev.score_fast(ours, qs, args.batch_tokens, desc=name, progress=False)
+        fast, first_s = seconds(fast_run)  # includes compiling attention kernels for new shapes
+        fast, fast_s = seconds(fast_run)
+        ev.score_naive(naive_logits, qs[:3])  # warm-up
+        naive, naive_s = seconds(lambda: ev.score_naive(naive_logits, qs, progress=True))
+        same = sum(a == b for a, b in zip(ev.predict(fast), ev.predict(naive)))
+        diff = max(abs(a - b) for fr, nr in zip(fast, naive) for a, b in zip(fr, nr))
+        # A disagreement is a near-tie when the naive top-2 margin is below the numeric difference of the two paths.
+        margins = [sorted(nr)[-1] - sorted(nr)[-2] for fr, nr in zip(fast, naive)
+                   if ev.predict([fr]) != ev.predict([nr])]
+        outside_ties = sum(m > 2 * diff for m in margins)
+        golds = [q.gold for q in qs]
+        rows.append((name, len(qs), sum(len(q.context) for q in qs), f"{naive_s:.1f}", f"{first_s:.1f}",
+                     f"{fast_s:.1f}", f"{naive_s / fast_s:.1f}x", f"{same}/{len(qs)}", f"{diff:.3f}",
+                     outside_ties, f"{ev.accuracy(golds, ev.predict(naive)):.3f} / "
+                     f"{ev.accuracy(golds, ev.predict(fast)):.3f}"))
+        totals = [totals[0] + len(qs), totals[1] + naive_s, totals[2] + first_s, totals[3] + fast_s]
+    n, naive_s, first_s, fast_s = totals
+    rows.append(("total", n, "", f"{naive_s:.1f}", f"{first_s:.1f}", f"{fast_s:.1f}", f"{naive_s / fast_s:.1f}x "
+                 f"({naive_s / first_s:.1f}x incl. compile)", "", "", "", ""))
+    print(f"\nbatch tokens {args.batch_tokens}; seconds of wall clock per full pass")
+    print(table(rows, ["task", "questions", "prompt tokens", "transformers naive s", "ours 1st pass s (compiles)",
+                       "ours s", "speed-up", "same predictions", "max |Δ log-lik|", "disagreements beyond 2·max|Δ|",
+                       "accuracy naive / ours"]))
+
+
 SUBCOMMANDS = {
     "attention": bench_attention,
     "ct": bench_ct,
+    "eval": bench_eval,
 }
 
 

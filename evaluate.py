@@ -51,6 +51,7 @@ ICL_SHOTS = (0, 1, 4, 8)
 MMLU_SUBJECTS = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
                  "professional_medicine")
 LETTERS = "ABCD"
+MIN_SHARED_PREFIX = 32  # shorter common prefixes (zero-shot MedQA: "[BOS] Question:") are simply recomputed
 MEDQA_DEMO_POOL = 8  # without a MedQA train file, demonstrations come from these many held-out test questions
 
 DATA_LAYOUT = """expected layout under --data-dir (as in ../shared/data):
@@ -402,6 +403,8 @@ def score_fast(model, questions: list[Encoded], batch_tokens: int = 8192, soft_p
     plan = []
     for members in groups.values():
         skip = shared_prefix_len([questions[i].context for i in members])
+        if skip < MIN_SHARED_PREFIX:
+            skip = 0  # recomputing a few tokens is cheaper than leaving SDPA's plain causal kernel (flash)
         if soft_prompt is not None:
             skip = max(skip, 1)  # the soft prompt sits after BOS, inside the prefix
         rows = [row for i in members for row in question_rows(i, questions[i], skip)]

@@ -122,7 +122,8 @@ def synthetic_questions():
     questions = []
     for i in range(10):
         group = "g1" if i < 6 else "g2"
-        prefix = "The patient reduced the dose.\nAnswer: A\n\n" if group == "g1" else "We measured pain.\nAnswer: pain\n\n"
+        # g1's shared prefix is long enough to be cached (>= MIN_SHARED_PREFIX tokens); g2's is recomputed per row
+        prefix = "The patient reduced the dose in two weeks.\nAnswer: pain\n\n" * 4 if group == "g1" else "We.\n\n"
         text = " ".join(words[: 2 + i % 5]) + f" {i}.\nAnswer:"
         # single-token options with the tiny tokenizer ("▁pain", "▁drug", ...) and multi-token ones
         choices = ("pain", "drug", "dose", "risk") if i % 3 else ("B", "the risk", "the dose in two weeks")
@@ -139,6 +140,8 @@ def test_batched_cached_scoring_equals_the_plain_path(tokenizer_path):
     model = create_model(tiny_cfg(), seed=0).eval()
     encoded = [ev.encode_question(tok, q) for q in synthetic_questions()]
     assert any(ev.single_token(q) for q in encoded) and not all(ev.single_token(q) for q in encoded)
+    g1, g2 = ([q.context for q in encoded if q.group == g] for g in ("g1", "g2"))
+    assert ev.shared_prefix_len(g1) >= ev.MIN_SHARED_PREFIX > ev.shared_prefix_len(g2)
     plain = ev.score_naive(lambda t: model(t), encoded)
     for batch_tokens in (1, 48, 4096):  # one row per batch, several padded rows, everything at once
         fast = ev.score_fast(model, encoded, batch_tokens=batch_tokens, progress=False)
