@@ -272,8 +272,6 @@ def bench_ct(argv):
 def bench_eval(argv):
     from pathlib import Path
 
-    import transformers
-
     import evaluate as ev
     from data import Tokenizer
     from model import ModelConfig, create_model, hf_key
@@ -287,6 +285,10 @@ def bench_eval(argv):
     parser.add_argument("--limit", type=int, help="first N questions of each MMLU subject and of MedQA")
     parser.add_argument("--batch-tokens", type=int, default=16384, help="evaluate.py's padded tokens per batch")
     args = parser.parse_args(argv)
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("error: bench.py eval compares against transformers: pip install -r requirements-dev.txt")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     preset = "tiny" if args.tiny else "llama2-7b"
