@@ -193,7 +193,8 @@ def bench_ct(argv):
     from model import ModelConfig, create_model, merge_lora
     parser = argparse.ArgumentParser(prog="bench.py ct", description="context tuning: time per optimisation step and "
                                      "peak memory against k, for CT-KV, CT-Prompt and TTT (random-weight Llama shapes)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny preset, k up to 16 (CPU smoke test)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny preset, k up to 8, 16-token demonstrations, "
+                        "1 timed step (CPU smoke test)")
     parser.add_argument("--sizes", default="1b,7b", help="comma list of 1b (TinyLlama-1.1B shape), 7b (Llama-2-7B)")
     parser.add_argument("--ks", default="2,4,8,16,32,64", help="numbers of demonstrations")
     parser.add_argument("--methods", default="ct-kv,ct-prompt,ttt")
@@ -207,10 +208,11 @@ def bench_ct(argv):
     shapes = {"1b": ModelConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632),
               "7b": ModelConfig.from_name("llama2-7b")}
     sizes = {"tiny": ModelConfig.from_name("tiny")} if args.tiny else {s: shapes[s] for s in args.sizes.split(",")}
-    ks = [2, 4, 8, 16] if args.tiny else [int(k) for k in args.ks.split(",")]
-    methods, L = args.methods.split(","), args.demo_tokens
+    ks = [2, 4, 8] if args.tiny else [int(k) for k in args.ks.split(",")]
+    methods, L = args.methods.split(","), 16 if args.tiny else args.demo_tokens
+    steps = 1 if args.tiny else args.steps
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; {dtype}; "
-          f"{L} tokens per demonstration; median of {args.steps} steps after 1 warm-up")
+          f"{L} tokens per demonstration; median of {steps} steps after 1 warm-up")
     rows, times = [], {}
     for size, cfg in sizes.items():
         model = create_model(cfg, device, dtype, seed=0).eval().requires_grad_(False)
@@ -230,7 +232,7 @@ def bench_ct(argv):
                     if cuda:
                         torch.cuda.synchronize()
                     stamps.append(time.perf_counter())
-                tune = ct.TuneConfig(steps=1 + args.steps, micro_batch=per_forward if per_forward < k else 0,
+                tune = ct.TuneConfig(steps=1 + steps, micro_batch=per_forward if per_forward < k else 0,
                                      progress=False, on_step=on_step)
                 if cuda:
                     torch.cuda.empty_cache()

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import evaluate as ev
+import synthetic as sy
 from model import AttentionMask, KVCache, apply_lora, generate, load_pretrained, merge_lora
 
 METHODS = ("zero-shot", "icl", "prompt-tuning", "prefix-tuning", "ct-prompt", "ct-kv", "ttt", "ttt+ct-kv")
@@ -225,6 +226,13 @@ def token_demo(model, ids: list[int], n_input: int) -> Demo:
     return Demo(embeds, torch.cat([ids_t[1:], ids_t[:1] * 0]), keep)
 
 
+def token_lead(model, bos_id: int) -> Demo:
+    """The context's start: BOS alone, in no loss and in no demonstration's span."""
+    bos = torch.tensor([bos_id], device=model.embed_tokens.weight.device)
+    with torch.no_grad():
+        return Demo(model.embed_tokens(bos), bos * 0, bos < 0)
+
+
 def token_episode(model, tok, task: Task, truncate: bool = False) -> Episode:
     """[BOS] x_1 y_1 \\n x_2 y_2 \\n ...; checks that context + the longest query fits in max_seq_len."""
     sep = newline_ids(tok)
@@ -247,10 +255,7 @@ def token_episode(model, tok, task: Task, truncate: bool = False) -> Episode:
         raise ValueError(f"{task.name}: demonstrations take {context_len()} tokens and the longest query "
                          f"{longest_query}, more than the model's context ({limit}); use fewer/shorter demonstrations "
                          f"or --truncate-demos")
-    bos = torch.tensor([tok.bos_id], device=model.embed_tokens.weight.device)
-    with torch.no_grad():
-        lead = Demo(model.embed_tokens(bos), bos * 0, bos < 0)  # BOS alone, in no loss
-    return Episode(lead, [token_demo(model, x + y, len(x)) for x, y in demos])
+    return Episode(token_lead(model, tok.bos_id), [token_demo(model, x + y, len(x)) for x, y in demos])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,6 +275,7 @@ class TuneConfig:
     grad_clip: float = 1.0
     seed: int = 0
     progress: bool = True
+    on_step: object = None     # called after every optimiser step (bench.py times steps with it)
 
 
 def model_dtype(model):
@@ -309,6 +315,8 @@ def optimise(params, batch_loss, n_rows: int, cfg: TuneConfig, desc: str):
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         schedule.step()
+        if cfg.on_step is not None:
+            cfg.on_step()
 
 
 def kv_pair_losses(model, head, pairs, rows, prefix_kv, spans=None, dropped=None):
@@ -371,10 +379,10 @@ def tune_prompt(model, head, ep: Episode, prompt, cfg: TuneConfig, spans=None, d
 
 
 def tune_lora(model, head, ep: Episode, cfg: TuneConfig, desc="ttt"):
-    """Test-time training (Akyurek et al. 2024): a LoRA copy of the model trained on leave-one-out tasks. Row i is
-    [lead, the other demonstrations in a fresh random order, demonstration i], loss on y_i only."""
-    adapted = apply_lora(copy.deepcopy(model), rank=cfg.lora_rank)
-    params = [p for p in adapted.parameters() if p.requires_grad]
+    """Test-time training (Akyurek et al. 2024): LoRA adapters, added to `model` in place, trained on leave-one-out
+    tasks. Row i is [lead, the other demonstrations in a fresh random order, demonstration i], loss on y_i only."""
+    apply_lora(model, rank=cfg.lora_rank)
+    params = [p for p in model.parameters() if p.requires_grad]
     k = len(ep.demos)
 
     def batch_loss(rows, generator):
@@ -385,10 +393,10 @@ def tune_lora(model, head, ep: Episode, cfg: TuneConfig, desc="ttt"):
         embeds = torch.stack([torch.cat([d.embeds for d in s]) for s in seqs])
         targets = torch.stack([torch.cat([d.targets for d in s]) for s in seqs])
         keep = torch.stack([torch.cat([torch.zeros_like(d.keep) for d in s[:-1]] + [s[-1].keep]) for s in seqs])
-        return row_losses(head, adapted.hidden_states(embeds=embeds), targets, keep)
+        return row_losses(head, model.hidden_states(embeds=embeds), targets, keep)
 
     optimise(params, batch_loss, k, replace(cfg, lr=cfg.lora_lr), desc)
-    return adapted
+    return model
 
 
 def adapt(method: str, model, head, ep: Episode, cfg: TuneConfig):
@@ -410,11 +418,11 @@ def adapt(method: str, model, head, ep: Episode, cfg: TuneConfig):
         return model, prefix_kv_of(model, tune_prompt(model, head, ep, context, cfg, spans, cfg.dropout))
     if method == "ct-kv":
         return model, tune_kv(model, head, ep, prefix_kv_of(model, context), cfg, spans, cfg.dropout)
-    if method == "ttt":
-        adapted = tune_lora(model, head, ep, cfg)
+    if method == "ttt":  # on a copy: the caller's model stays as it was for the next task or method
+        adapted = tune_lora(copy.deepcopy(model), head, ep, cfg)
         return adapted, prefix_kv_of(adapted, context)
     if method == "ttt+ct-kv":
-        adapted = merge_lora(tune_lora(model, head, ep, cfg))
+        adapted = merge_lora(tune_lora(copy.deepcopy(model), head, ep, cfg))
         return adapted, tune_kv(adapted, head, ep, prefix_kv_of(adapted, context), cfg, spans, cfg.dropout)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
@@ -448,6 +456,122 @@ def evaluate_task(model, head, tok, prefix_kv, task: Task, max_new_tokens: int, 
     for q in tqdm(task.queries, desc="queries", disable=not progress, leave=False):
         correct += answer(model, head, tok, prefix_kv, q, max_new_tokens) == q.output.strip()
     return correct / len(task.queries)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The measurable reproduction without LLM weights (`--quick`): synthetic.py's in-context linear-regression transformer
+# (pretrained on w ~ N(0, I)) meets tasks it never saw, w ~ N(w_shift, I), with k demonstrations each. Every method
+# above runs unchanged on it; the score is the squared error on fresh queries of the same task.
+
+ABLATION = {"ct-kv (leave-one-out + dropout)": (True, True), "ct-kv (leave-one-out only)": (True, False),
+            "ct-kv (dropout only)": (False, True), "ct-kv (neither)": (False, False)}
+
+
+@dataclass
+class QuickConfig:
+    k: int = 8                # demonstrations per task (the backbone was pretrained on prompts of up to 11 pairs)
+    w_shift: float = 2.0      # task distribution w ~ N(w_shift, I): out of the pretraining distribution
+    tasks_per_seed: int = 6
+    queries_per_task: int = 128
+    seeds: int = 3
+    steps: int = 60
+    lr: float = 1e-2
+    lora_lr: float = 3e-3
+    dropout: float = 0.1
+
+
+class RegressionHead:
+    """synthetic.py's regression transformer: inputs are read_in vectors, the x_i position predicts y_i."""
+
+    def __init__(self, reg):
+        self.reg = reg
+
+    def embed(self, xs, ys):
+        """(B, n, d), (B, n) -> (B, 2n, dim): the tokens x_1, y_1, ... through the read-in."""
+        return self.reg.read_in(sy.interleave(xs, ys))
+
+    def position_loss(self, hidden, targets):
+        return (self.reg.read_out(hidden).squeeze(-1).float() - targets) ** 2
+
+    @torch.no_grad()
+    def random_context(self, m: int, generator) -> torch.Tensor:
+        """m embeddings of random (x, y) tokens, y on the labels' scale: not the task's demonstrations."""
+        d = self.reg.n_dims
+        xs = torch.randn(1, (m + 1) // 2, d, generator=generator)
+        ys = torch.randn(1, (m + 1) // 2, generator=generator) * math.sqrt(d)
+        return self.embed(xs, ys)[0, :m]
+
+
+@torch.no_grad()
+def regression_episode(head: RegressionHead, xs, ys) -> Episode:
+    """k demonstrations (x_i, y_i) -> tokens x_i, y_i; the x_i position is the one that predicts y_i."""
+    embeds = head.embed(xs[None], ys[None])[0]
+    keep = torch.tensor([True, False])
+    demos = [Demo(embeds[2 * i:2 * i + 2], torch.stack([ys[i], ys[i] * 0]), keep) for i in range(len(xs))]
+    return Episode(Demo(embeds[:0], ys[:0], keep[:0]), demos)
+
+
+@torch.no_grad()
+def regression_mse(model, head: RegressionHead, prefix_kv, xs, ys) -> float:
+    """Mean squared error of queries xs (Q, d) answered after prefix_kv (one batch-1 prefix shared by all Q)."""
+    x_tokens = head.embed(xs[:, None], ys[:, None] * 0)[:, :1]
+    hidden = model.hidden_states(embeds=x_tokens, prefix_kv=prefix_kv)
+    return head.position_loss(hidden[:, 0], ys).mean().item()
+
+
+def quick_backbone(out: Path):
+    """synthetic.py's CPU-sized regression transformer, pretrained into OUT/pretrain (or reused from there)."""
+    cfg = sy.PRESETS["quick"]
+    if not sy.pretrain(cfg, out, "cpu"):
+        raise ValueError(f"{out}/pretrain: pretraining did not finish")
+    reg, _ = sy.load_model(out / "pretrain")
+    return reg.eval().requires_grad_(False)
+
+
+def run_quick(args):
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))  # CPU-sized: measured on 2 cores
+    out = Path(args.out or "runs/context_tuning")
+    out.mkdir(parents=True, exist_ok=True)
+    q = QuickConfig(seeds=args.seeds)
+    start = time.time()
+    reg = quick_backbone(out)
+    head, model, d = RegressionHead(reg), reg.backbone, reg.n_dims
+    print(f"backbone ready ({time.time() - start:.0f}s); {q.seeds} seeds x {q.tasks_per_seed} tasks, k = {q.k}, "
+          f"w ~ N({q.w_shift}, I_{d})")
+    # prompt/prefix tuning get as many trainable positions as the demonstrations fill (2k tokens), so that every
+    # method has the same capacity and stays inside the pretraining context length
+    base = TuneConfig(steps=q.steps, lr=q.lr, lora_lr=q.lora_lr, dropout=q.dropout, prompt_len=2 * q.k,
+                      lora_rank=min(64, model.cfg.dim), progress=False)
+    runs = {name: (method, replace(base, leave_one_out=loo, dropout=q.dropout * drop))
+            for name, method, loo, drop in [(m, m, True, True) for m in METHODS]
+            + [(name, "ct-kv", loo, drop) for name, (loo, drop) in ABLATION.items()]}
+    per_seed = {name: [] for name in runs}
+    bar = tqdm(total=q.seeds * q.tasks_per_seed * len(runs), desc="quick", leave=False)
+    for seed in range(q.seeds):
+        errors = {name: [] for name in runs}
+        for t in range(q.tasks_per_seed):
+            gen = sy.generator("cpu", seed, "context-tuning", t)
+            task = sy.sample_tasks("shifted-linear", 1, q.k + q.queries_per_task, d, gen, w_shift=q.w_shift)
+            xs, ys = task.xs[0], task.values()[0]
+            ep = regression_episode(head, xs[:q.k], ys[:q.k])
+            for name, (method, cfg) in runs.items():
+                answer_model, prefix_kv = adapt(method, model, head, ep, replace(cfg, seed=seed * 1000 + t))
+                errors[name].append(regression_mse(answer_model, head, prefix_kv, xs[q.k:], ys[q.k:]))
+                bar.update(1)
+        for name in runs:
+            per_seed[name].append(sum(errors[name]) / len(errors[name]))
+    bar.close()
+    results = {}
+    for name, values in per_seed.items():
+        mean, std = sy.mean_std(values)
+        results[name] = {"mse": mean, "std": std, "per_seed": values}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "quick_config.json").write_text(json.dumps({"quick": asdict(q), "tune": asdict(base),
+                                                       "seconds": round(time.time() - start, 1)}, indent=1))
+    print(f"{'method':34s} mse (mean +- std over {q.seeds} seeds)")
+    for name, r in results.items():
+        print(f"{name:34s} {r['mse']:8.4f} +- {r['std']:.4f}")
+    print(f"wrote {out / 'results.json'} ({time.time() - start:.0f}s)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
