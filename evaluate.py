@@ -487,6 +487,7 @@ def task_result(task: str, questions: list[Encoded], scores, shots: int) -> dict
             if idx:
                 result["subjects"][subject] = {"accuracy": accuracy([golds[i] for i in idx], [preds[i] for i in idx]),
                                                "n": len(idx)}
+    result["predictions"] = preds  # option index per question, in data-file order (for paired tests across models)
     return result
 
 
@@ -604,8 +605,9 @@ def load_soft_prompt(path, dim: int) -> torch.Tensor:
         raise DataError(f"{path}: no such file (expected a soft prompt .safetensors)")
     tensors = load_file(path)
     if "soft_prompt" not in tensors or tensors["soft_prompt"].dim() != 2 or tensors["soft_prompt"].shape[1] != dim:
+        found = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(tensors.items())[:3])
         raise DataError(f"{path}: expected a tensor 'soft_prompt' of shape (n_tokens, {dim}); found "
-                        f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
+                        f"{len(tensors)} tensor(s): {found}{', ...' if len(tensors) > 3 else ''}")
     return tensors["soft_prompt"]
 
 
