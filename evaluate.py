@@ -1,7 +1,7 @@
 """Evaluate a Llama on the paper's benchmarks by log-likelihood, with published prompt conventions, fast.
 
   python evaluate.py --checkpoint DIR --tasks mmlu-medical,medqa --out base.json     # the paper's table
-  python evaluate.py --checkpoint DIR --suite icl --tasks fiqa-sa,multifin --out icl.json   # k = 0, 1, 4, 8
+  python evaluate.py --checkpoint DIR --suite icl --tasks fiqa-sa,multifin --out icl.json  # k = 0, 1, 4, 8
   python evaluate.py --compare base.json cft.json                                    # side by side, with deltas
   torchrun --nproc_per_node 8 evaluate.py --checkpoint DIR ...                      # questions split across ranks
 
@@ -48,6 +48,7 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
 TASKS = ("mmlu-medical", "medqa", "fiqa-sa", "causal20", "multifin")
 DEFAULT_SHOTS = {"mmlu-medical": 5, "medqa": 0, "fiqa-sa": 5, "causal20": 5, "multifin": 5}
 ICL_SHOTS = (0, 1, 4, 8)
+ICL_TASKS = ("medqa", "fiqa-sa", "causal20", "multifin")  # MMLU's dev split has only 5 demonstrations per subject
 MMLU_SUBJECTS = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
                  "professional_medicine")
 LETTERS = "ABCD"
@@ -243,8 +244,11 @@ def sample_demos(pool: list[Example], k: int, seed: int) -> list[Example]:
     return [pool[i] for i in order[:k]]
 
 
-def build_task(task: str, data_dir, shots: int, seed: int = 1234, limit: int | None = None) -> list[Question]:
-    """The questions of one task, each with its group's shared prefix. `limit`: first N questions per group."""
+def build_task(task: str, data_dir, shots: int, seed: int = 1234, limit: int | None = None,
+               same_questions_at_every_k: bool = False) -> list[Question]:
+    """The questions of one task, each with its group's shared prefix. `limit`: first N questions per group.
+    same_questions_at_every_k (the ICL suite): a demonstration pool carved out of the test set (MedQA here) is
+    left out at k = 0 too, so that every k scores the same questions."""
     data_dir = Path(data_dir)
     if task == "mmlu-medical":
         questions = []
@@ -260,16 +264,17 @@ def build_task(task: str, data_dir, shots: int, seed: int = 1234, limit: int | N
     if task == "medqa":
         folder = data_dir / "medqa-usmle-4opt"
         test = load_medqa(folder / "phrases_no_exclude_test.jsonl")
-        if shots and (folder / "phrases_no_exclude_train.jsonl").is_file():
-            demos = sample_demos(load_medqa(folder / "phrases_no_exclude_train.jsonl"), shots, seed)
-        elif shots:  # no train split staged: hold out a fixed pool of test questions (never scored when shots > 0)
+        demos = []
+        if (folder / "phrases_no_exclude_train.jsonl").is_file():
+            if shots:
+                demos = sample_demos(load_medqa(folder / "phrases_no_exclude_train.jsonl"), shots, seed)
+        elif shots or same_questions_at_every_k:
+            # No train split staged: a fixed, seeded pool of test questions gives the demonstrations and is not scored.
             order = list(range(len(test)))
             random.Random(seed).shuffle(order)
             held_out = set(order[:MEDQA_DEMO_POOL])
             demos = sample_demos([test[i] for i in order[:MEDQA_DEMO_POOL]], shots, seed)
             test = [e for i, e in enumerate(test) if i not in held_out]
-        else:
-            demos = []
         prefix = few_shot_prefix("", demos)
         return [Question(task, prefix, e.text, e.choices, e.gold) for e in test[:limit]]
     if task in CLASSIFICATION:
@@ -647,7 +652,8 @@ def run_suite(args, model, tok, rank, world) -> dict:
     results = {}
     for task, shots, name in runs:
         start = time.time()
-        questions = [encode_question(tok, q) for q in build_task(task, args.data_dir, shots, args.seed, args.limit)]
+        questions = [encode_question(tok, q) for q in build_task(task, args.data_dir, shots, args.seed, args.limit,
+                                                                 same_questions_at_every_k=args.suite == "icl")]
         scores = sum_over_ranks(score_fast(model, questions, args.batch_tokens, soft, rank, world, desc=name), world)
         results[name] = task_result(task, questions, scores, shots) | {"seconds": round(time.time() - start, 2)}
         if rank == 0:
@@ -674,7 +680,8 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: the checkpoint's, else "
                                        "<data-dir>/llama2-tokenizer/tokenizer.model)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="data folder (default ../shared/data)")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, from: " + ", ".join(TASKS))
+    p.add_argument("--tasks", help="comma-separated, from: " + ", ".join(TASKS) + " (default: all; the icl suite: "
+                                   + ", ".join(ICL_TASKS) + ")")
     p.add_argument("--suite", default="main", choices=["main", "icl"],
                    help="main: each task at its default shots (mmlu-medical 5, medqa 0, classification 5); "
                         f"icl: in-context-learning retention, each task at k = {', '.join(map(str, ICL_SHOTS))}")
@@ -694,7 +701,8 @@ def main(argv=None):
         if args.compare:
             print(compare(args.compare))
             return
-        args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else \
+            list(ICL_TASKS if args.suite == "icl" else TASKS)
         unknown = [t for t in args.tasks if t not in TASKS]
         if unknown:
             raise DataError(f"--tasks: unknown task '{unknown[0]}'; choose from {', '.join(TASKS)}")

@@ -64,6 +64,9 @@ def test_golden_medqa_prompt_and_held_out_demonstrations():
     assert len(shots) == 1273 - ev.MEDQA_DEMO_POOL
     demos = shots[0].prefix.split("\n\n")[:-1]
     assert len(demos) == 4 and not any(d.rsplit(" ", 1)[0] in {q.text for q in shots} for d in demos)
+    # The ICL suite scores the same questions at k = 0 as at k > 0.
+    zero = ev.build_task("medqa", SHARED_DATA, shots=0, same_questions_at_every_k=True)
+    assert [q.text for q in zero] == [q.text for q in shots] and zero[0].prefix == ""
 
 
 @needs_data
