@@ -396,9 +396,13 @@ def prefix_cache(model, tokens: list[int], soft_prompt=None):
 
 @torch.no_grad()
 def score_fast(model, questions: list[Encoded], batch_tokens: int = 8192, soft_prompt=None, rank: int = 0,
-               world: int = 1, desc: str = "scoring", progress: bool = True) -> list[list[float]]:
+               world: int = 1, desc: str = "scoring", progress: bool = True,
+               per_row_prefix: bool = False) -> list[list[float]]:
     """Log-likelihood of every option of every question: the same numbers as score_naive. With world > 1 this rank
-    scores every world-th row (longest first) and leaves the others at 0: combine with sum_over_ranks."""
+    scores every world-th row (longest first) and leaves the others at 0: combine with sum_over_ranks.
+    per_row_prefix: hand the prefix to the model expanded to the batch (a view) instead of as batch 1. On CUDA, batch 1
+    takes FlexAttention's folded path (prefix stored once); per row takes the plain block mask, and attention copies
+    the prefix per row. bench.py eval times both."""
     device = model.embed_tokens.weight.device
     scores = [[0.0] * len(q.continuations) for q in questions]
     groups = {}
@@ -429,7 +433,10 @@ def score_fast(model, questions: list[Encoded], batch_tokens: int = 8192, soft_p
             tokens = torch.zeros(len(batch), T, dtype=torch.long)
             for b, row in enumerate(batch):
                 tokens[b, :len(row.tokens)] = torch.tensor(row.tokens)
-            hidden = model.hidden_states(tokens.to(device), prefix_kv=prefix_kv)
+            kv = prefix_kv
+            if per_row_prefix and kv is not None:
+                kv = [(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in kv]
+            hidden = model.hidden_states(tokens.to(device), prefix_kv=kv)
             where = [(b, c, pos + j, t) for b, row in enumerate(batch) for c, pos, cont in row.targets
                      for j, t in enumerate(cont)]
             b_idx, _, pos_idx, target = (torch.tensor(x, device=device) for x in zip(*where))

@@ -150,8 +150,10 @@ def test_batched_cached_scoring_equals_the_plain_path(tokenizer_path):
     assert ev.shared_prefix_len(g1) >= ev.MIN_SHARED_PREFIX > ev.shared_prefix_len(g2)
     plain = ev.score_naive(lambda t: model(t), encoded)
     for batch_tokens in (1, 48, 4096):  # one row per batch, several padded rows, everything at once
-        fast = ev.score_fast(model, encoded, batch_tokens=batch_tokens, progress=False)
-        assert torch.allclose(flat(fast), flat(plain), atol=1e-4), batch_tokens
+        for per_row_prefix in (False, True):
+            fast = ev.score_fast(model, encoded, batch_tokens=batch_tokens, progress=False,
+                                 per_row_prefix=per_row_prefix)
+            assert torch.allclose(flat(fast), flat(plain), atol=1e-4), (batch_tokens, per_row_prefix)
     # torchrun split: each rank scores every other row; together they give the same numbers.
     halves = [ev.score_fast(model, encoded, batch_tokens=48, rank=r, world=2, progress=False) for r in (0, 1)]
     assert torch.allclose(flat(halves[0]) + flat(halves[1]), flat(plain), atol=1e-4)
