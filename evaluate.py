@@ -384,11 +384,11 @@ def lm_logits(model, hidden):
 
 @torch.no_grad()
 def prefix_cache(model, tokens: list[int], soft_prompt=None):
-    """prefix_kv (batch 1) of the shared tokens; a soft prompt is placed right after BOS (see load_soft_prompt)."""
+    """prefix_kv (batch 1) of the shared tokens, after the soft prompt if any (see load_soft_prompt)."""
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
-    embeds = model.embed_tokens(torch.tensor([tokens], device=device))
+    embeds = model.embed_tokens(torch.tensor([tokens], dtype=torch.long, device=device))
     if soft_prompt is not None:
-        embeds = torch.cat([embeds[:, :1], soft_prompt[None].to(device, dtype), embeds[:, 1:]], dim=1)
+        embeds = torch.cat([soft_prompt[None].to(device, dtype), embeds], dim=1)
     cache = KVCache(model.cfg, 1, embeds.shape[1], device, dtype)
     model.hidden_states(embeds=embeds, cache=cache)
     return cache.prefix()
@@ -414,8 +414,6 @@ def score_fast(model, questions: list[Encoded], batch_tokens: int = 8192, soft_p
         skip = shared_prefix_len([questions[i].context for i in members])
         if skip < MIN_SHARED_PREFIX:
             skip = 0  # recomputing a few tokens is cheaper than leaving SDPA's plain causal kernel (flash)
-        if soft_prompt is not None:
-            skip = max(skip, 1)  # the soft prompt sits after BOS, inside the prefix
         rows = [row for i in members for row in question_rows(i, questions[i], skip)]
         longest = skip + max(len(r.tokens) for r in rows) + (0 if soft_prompt is None else len(soft_prompt))
         if longest > model.cfg.max_seq_len and rank == 0:  # as model.generate: rotary positions go on, quality may not
@@ -425,8 +423,7 @@ def score_fast(model, questions: list[Encoded], batch_tokens: int = 8192, soft_p
         plan.append((questions[members[0]].context[:skip], length_batches(rows, batch_tokens)))
     bar = tqdm(total=sum(len(b) for _, b in plan), desc=desc, disable=not progress or rank != 0)
     for prefix_tokens, batches in plan:
-        prefix_kv = prefix_cache(model, prefix_tokens, soft_prompt) if prefix_tokens or soft_prompt is not None \
-            else None
+        prefix_kv = None if not prefix_tokens and soft_prompt is None else prefix_cache(model, prefix_tokens, soft_prompt)
         for batch in batches:
             # Right padding: causal attention already hides the padding from every real token.
             T = len(batch[0].tokens)
@@ -609,8 +606,8 @@ def load_lora(model, path) -> None:
 
 
 def load_soft_prompt(path, dim: int) -> torch.Tensor:
-    """A soft prompt file: safetensors with one tensor "soft_prompt" (n_virtual_tokens, dim). Its embeddings are
-    inserted right after BOS, before the text, at positions 1..n (where demonstrations would sit)."""
+    """A soft prompt file, as cft.py's ProMoT writes it: safetensors with one tensor "soft_prompt" (n_virtual_tokens,
+    dim). Its vectors come first, at positions 0..n-1, then BOS and the text (cft.py's [SOFT]*n + BOS + ... rows)."""
     from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file():
@@ -696,7 +693,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1234, help="demonstration sampling (and random --model weights)")
     p.add_argument("--limit", type=int, help="score only the first N questions of each task (of each MMLU subject)")
     p.add_argument("--lora", help="LoRA adapter .safetensors to apply (merged) on top of the model")
-    p.add_argument("--soft-prompt", help="soft prompt .safetensors (tensor 'soft_prompt', (n, dim)), inserted after BOS")
+    p.add_argument("--soft-prompt", help="soft prompt .safetensors (tensor 'soft_prompt', (n, dim)) placed before BOS, "
+                                         "as cft.py's ProMoT trains it (it writes <out>/final/soft_prompt.safetensors)")
     p.add_argument("--batch-tokens", type=int, help="padded tokens per batch (default 16384 on GPU, 2048 on CPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--name", help="row label in tables (default: the checkpoint folder name or the preset)")

@@ -159,7 +159,7 @@ def test_batched_cached_scoring_equals_the_plain_path(tokenizer_path):
     assert torch.allclose(flat(halves[0]) + flat(halves[1]), flat(plain), atol=1e-4)
 
 
-def test_soft_prompt_sits_after_bos_and_matches_the_plain_path(tokenizer_path, tmp_path):
+def test_soft_prompt_comes_before_bos_and_matches_the_plain_path(tokenizer_path, tmp_path):
     tok = Tokenizer(tokenizer_path)
     model = create_model(tiny_cfg(), seed=0).eval()
     soft = torch.randn(3, model.cfg.dim)
@@ -167,10 +167,9 @@ def test_soft_prompt_sits_after_bos_and_matches_the_plain_path(tokenizer_path, t
     soft = ev.load_soft_prompt(tmp_path / "soft.safetensors", model.cfg.dim)
     encoded = [ev.encode_question(tok, q) for q in synthetic_questions()]
 
-    def plain_with_soft_prompt(tokens):
-        emb = model.embed_tokens(tokens)
-        logits = model(embeds=torch.cat([emb[:, :1], soft[None], emb[:, 1:]], dim=1))
-        return torch.cat([logits[:, :1], logits[:, 1 + len(soft):]], dim=1)  # drop the soft positions' outputs
+    def plain_with_soft_prompt(tokens):  # cft.py's ProMoT layout: [soft prompt] + BOS + text
+        logits = model(embeds=torch.cat([soft[None], model.embed_tokens(tokens)], dim=1))
+        return logits[:, len(soft):]  # drop the soft positions' outputs
 
     plain = ev.score_naive(plain_with_soft_prompt, encoded)
     fast = ev.score_fast(model, encoded, batch_tokens=48, soft_prompt=soft, progress=False)
