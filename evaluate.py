@@ -15,8 +15,8 @@ Tasks (data read from --data-dir, laid out as ../shared/data; see DATA_LAYOUT):
 How a question is scored (the harness's `multiple_choice` convention): context = [BOS] + shared prefix (header + k
 demonstrations, each followed by " " + its answer and a blank line) + the question ending in "Answer:". An option's
 continuation (" A", " Positive") is tokenized as encode(context + continuation)[len(encode(context)):], and the
-prediction is the option with the highest summed log-likelihood. BOS is always prepended (Llama was trained with it;
-the harness leaves it out by default, which costs Llama-2 a point or two on MMLU).
+prediction is the option with the highest summed log-likelihood. BOS is always prepended, as Llama saw it in
+training (when comparing with harness numbers: many harness versions add BOS only with add_bos_token=True).
 
 Why it is fast, with the same numbers as one-question-at-a-time scoring (tests/test_evaluate.py checks this):
 - The token prefix shared by a group of questions (an MMLU subject's header and 5 demonstrations, ~400-1,100 tokens)
@@ -74,43 +74,49 @@ class DataError(ValueError):
 # Reading the data files: every error names the file, and the line for a malformed row.
 
 
-def open_text(path: Path):
+def text_lines(path: Path):
+    """The lines of a UTF-8 text file (gzipped if it ends in .gz); undecodable bytes name their line."""
     if not path.is_file():
         raise DataError(f"{path}: no such file\n{DATA_LAYOUT}")
-    return gzip.open(path, "rt", encoding="utf-8", newline="") if path.suffix == ".gz" else \
-        open(path, encoding="utf-8", newline="")
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        line_no = 0
+        try:
+            for line_no, raw in enumerate(f, 1):
+                yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}, line {line_no}: not UTF-8 text ({e.reason})") from None
+        except OSError as e:  # a corrupt .gz
+            raise DataError(f"{path}, line {line_no + 1}: unreadable ({e})") from None
 
 
 def read_csv(path: Path, n_fields: int, delimiter: str = ",", header: bool = False):
     """Yield (line number, fields) of a CSV file; a row with the wrong number of fields is an error."""
-    with open_text(path) as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            for i, row in enumerate(reader):
-                if i == 0 and header:
-                    continue
-                if len(row) != n_fields:
-                    raise DataError(f"{path}, line {reader.line_num}: expected {n_fields} '{delimiter}'-separated "
-                                    f"fields, found {len(row)}")
-                yield reader.line_num, row
-        except csv.Error as e:
-            raise DataError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
+    reader = csv.reader(text_lines(path), delimiter=delimiter)
+    try:
+        for i, row in enumerate(reader):
+            if i == 0 and header:
+                continue
+            if len(row) != n_fields:
+                raise DataError(f"{path}, line {reader.line_num}: expected {n_fields} '{delimiter}'-separated "
+                                f"fields, found {len(row)}")
+            yield reader.line_num, row
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
 
 
 def read_jsonl(path: Path, keys: tuple):
     """Yield (line number, object) of a JSON-lines file whose objects must carry `keys`."""
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
-            missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
-            if missing:
-                raise DataError(f"{path}, line {line_no}: missing key '{missing[0]}'")
-            yield line_no, obj
+    for line_no, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
+        missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            raise DataError(f"{path}, line {line_no}: missing key '{missing[0]}'")
+        yield line_no, obj
 
 
 def bad_row(path, line_no, what):

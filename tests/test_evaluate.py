@@ -224,6 +224,9 @@ def test_malformed_rows_name_the_file_and_line(tmp_path):
     (medqa / "phrases_no_exclude_test.jsonl").write_text(good + "\n" + json.dumps({"question": "q"}) + "\n")
     with pytest.raises(ev.DataError, match=r"phrases_no_exclude_test.jsonl, line 2: missing key 'options'"):
         ev.build_task("medqa", tmp_path, shots=0)
+    (medqa / "phrases_no_exclude_test.jsonl").write_bytes(good.encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ev.DataError, match=r"phrases_no_exclude_test.jsonl, line 2: not UTF-8 text"):
+        ev.build_task("medqa", tmp_path, shots=0)
     causal = tmp_path / "fincausal2020"
     causal.mkdir()
     (causal / "fnp2020-fincausal-task1_trial_8628.csv").write_text("Index; Text; Gold\n0001; a; 0\n0002; b; 2\n")
