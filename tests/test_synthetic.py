@@ -1,0 +1,262 @@
+"""synthetic.py: task generators, prompt constructions, the inner-product metric, the model, checkpoints and resume,
+and the end-to-end claim at test scale (CFT beats CPT on the polynomial class)."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import synthetic as S
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+@pytest.mark.parametrize("task", S.SAMPLER_TASKS)
+def test_sample_tasks_shapes_and_seeding(task):
+    batch = S.sample_tasks(task, 8, 5, 3, gen(1))
+    assert batch.xs.shape == (8, 5, 3) and batch.w.shape == (8, 3) and batch.v.shape == (8, 3)
+    assert batch.values().shape == (8, 5)
+    again, other = S.sample_tasks(task, 8, 5, 3, gen(1)), S.sample_tasks(task, 8, 5, 3, gen(2))
+    assert torch.equal(batch.xs, again.xs) and torch.equal(batch.w, again.w)
+    assert not torch.equal(batch.xs, other.xs)
+
+
+def test_sample_tasks_distributions():
+    batch = S.sample_tasks("linear", 4000, 10, 4, gen())
+    for name, t in (("x", batch.xs), ("w", batch.w), ("v", batch.v)):
+        assert abs(t.mean().item()) < 0.03, name
+        assert abs(t.var().item() - 1) < 0.05, name
+    # f = w^T x has variance d; x's coordinates are uncorrelated
+    assert abs(batch.values().var().item() - 4) < 0.3
+    cov = torch.cov(batch.xs.reshape(-1, 4).T)
+    assert torch.allclose(cov, torch.eye(4), atol=0.03)
+    shifted = S.sample_tasks("shifted-linear", 4000, 2, 4, gen(), w_shift=1.5)
+    assert abs(shifted.w.mean().item() - 1.5) < 0.03 and abs(shifted.w.var().item() - 1) < 0.05
+
+
+def test_task_values():
+    batch = S.sample_tasks("polynomial", 6, 4, 3, gen())
+    f = (batch.xs * batch.w[:, None]).sum(-1)
+    fv = (batch.xs * batch.v[:, None]).sum(-1)
+    expected = {"linear": f, "shifted-linear": f, "polynomial": f + f * f, "relu": f.clamp(min=0), "sumdot": f + fv}
+    for task, values in expected.items():
+        assert torch.allclose(dataclasses.replace(batch, task=task).values(), values, atol=1e-6), task
+
+
+@pytest.mark.parametrize("task", S.SAMPLER_TASKS)
+def test_true_gradient_equals_autograd(task):
+    batch = S.sample_tasks(task, 16, 1, 5, gen(3))
+    x = batch.xs[:, 0].clone().requires_grad_(True)
+    (autograd,) = torch.autograd.grad(batch.values(x[:, None]).sum(), x)
+    assert torch.allclose(batch.gradient(x.detach()), autograd, atol=1e-5)
+    # the official code's formula is the polynomial gradient whatever the task
+    poly = dataclasses.replace(batch, task="polynomial")
+    assert torch.allclose(batch.official_gradient(x.detach()), poly.gradient(x.detach()))
+
+
+def test_curriculum_zeroes_trailing_dims_and_grows():
+    batch = S.sample_tasks("linear", 4, 6, 5, gen(), active_dims=2)
+    assert batch.xs[..., 2:].abs().sum() == 0 and batch.xs[..., :2].abs().min() > 0
+    cfg = S.PRESETS["full"]
+    assert S.curriculum(cfg, 0) == (5, 11)
+    assert S.curriculum(cfg, cfg.curriculum_every) == (6, 13)
+    assert S.curriculum(cfg, 10 ** 9) == (20, 41)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt constructions
+
+
+def test_cpt_prompt_has_no_context():
+    batch = S.sample_tasks("polynomial", 4, 6, 3, gen())
+    prompt = S.build_prompt("cpt", batch, gen(1))
+    assert prompt.n_context == 0
+    assert torch.equal(prompt.xs, batch.xs) and torch.equal(prompt.ys, batch.values())
+
+
+def test_cft_context_repeats_query_xs_with_base_labels():
+    batch = S.sample_tasks("sumdot", 4, 6, 3, gen())
+    prompt = S.build_prompt("cft", batch, gen(1))
+    assert prompt.n_context == 6 and prompt.xs.shape == (4, 12, 3)
+    assert torch.equal(prompt.xs[:, :6], prompt.xs[:, 6:]) and torch.equal(prompt.xs[:, 6:], batch.xs)
+    assert torch.equal(prompt.ys[:, :6], batch.base()) and torch.equal(prompt.ys[:, 6:], batch.values())
+    # --fresh-context: new x's, still labelled by the same f
+    fresh = S.build_prompt("cft", batch, gen(1), fresh_context=True)
+    assert not torch.isclose(fresh.xs[:, :6], batch.xs).any()
+    assert torch.allclose(fresh.ys[:, :6], batch.base(fresh.xs[:, :6]))
+    assert torch.equal(fresh.ys[:, 6:], batch.values())
+
+
+@pytest.mark.parametrize("matched", [False, True])
+def test_neg_cft_context_labels_are_noise(matched):
+    d = 16
+    batch = S.sample_tasks("polynomial", 2000, 5, d, gen())
+    prompt = S.build_prompt("neg-cft", batch, gen(1), matched_noise=matched)
+    noise, f = prompt.ys[:, :5], batch.base()
+    assert torch.equal(prompt.xs[:, :5], batch.xs) and torch.equal(prompt.ys[:, 5:], batch.values())
+    assert abs(noise.std().item() - (math.sqrt(d) if matched else 1.0)) < 0.05 * (math.sqrt(d) if matched else 1.0)
+    correlation = torch.corrcoef(torch.stack([noise.flatten(), f.flatten()]))[0, 1]
+    assert abs(correlation) < 0.03  # independent of the task
+
+
+def test_interleave_layout():
+    xs = torch.arange(12.0).reshape(1, 3, 4)
+    ys = torch.tensor([[100.0, 200.0, 300.0]])
+    tokens = S.interleave(xs, ys)
+    assert tokens.shape == (1, 6, 4)
+    assert torch.equal(tokens[0, 0::2], xs[0])
+    assert torch.equal(tokens[0, 1::2], torch.tensor([[100.0, 0, 0, 0], [200.0, 0, 0, 0], [300.0, 0, 0, 0]]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The inner-product metric
+
+
+class KnownGradientModel(torch.nn.Module):
+    """pred_t = u^T x_t + (x_t . x_{t-1}) + s^T sum_{j<t} x_j: d pred_t / d x_t = u + x_{t-1} exactly, and the model
+    also depends on earlier x's (which the metric must not differentiate)."""
+
+    def __init__(self, u, s):
+        super().__init__()
+        self.u, self.s = u, s
+
+    def forward(self, xs, ys):
+        previous = torch.cat([torch.zeros_like(xs[:, :1]), xs[:, :-1]], dim=1)
+        earlier = torch.cumsum(xs, dim=1) - xs
+        return xs @ self.u + (xs * previous).sum(-1) + earlier @ self.s + 0 * ys
+
+
+@pytest.mark.parametrize("task,method", [("polynomial", "cpt"), ("relu", "cft"), ("sumdot", "neg-cft")])
+def test_inner_product_against_known_gradient(task, method):
+    d = 4
+    batch = S.sample_tasks(task, 64, 5, d, gen())
+    prompt = S.build_prompt(method, batch, gen(1))
+    u, s = torch.randn(d, generator=gen(2)), torch.randn(d, generator=gen(3))
+    got = S.inner_products(KnownGradientModel(u, s), prompt, batch)
+    x, previous = prompt.xs[:, -1], prompt.xs[:, -2]
+    model_grad = u + previous
+    f = (x * batch.w).sum(-1, keepdim=True)
+    official = torch.nn.functional.cosine_similarity(model_grad, (1 + 2 * f) * batch.w, dim=-1).mean()
+    true_grad = {"polynomial": (1 + 2 * f) * batch.w, "relu": (f > 0) * batch.w, "sumdot": batch.w + batch.v}[task]
+    keep = true_grad.norm(dim=-1) > 0
+    true = torch.nn.functional.cosine_similarity(model_grad[keep], true_grad[keep], dim=-1).mean()
+    assert got["inner_product"] == pytest.approx(official.item(), abs=1e-5)
+    assert got["inner_product_true"] == pytest.approx(true.item(), abs=1e-5)
+    # a model that is the task itself scores 1 with the task's own gradient
+    oracle = lambda xs, ys: dataclasses.replace(batch, xs=xs).values(xs)
+    assert S.inner_products(oracle, prompt, batch)["inner_product_true"] == pytest.approx(1.0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def tiny_model(seed=0):
+    return S.build_model(S.PRESETS["test"], seed).eval()
+
+
+def test_regression_transformer_shapes_and_causality():
+    model = tiny_model()
+    assert set(vars(model)["_modules"]) == {"read_in", "backbone", "read_out"}
+    batch = S.sample_tasks("linear", 2, 7, 3, gen())
+    ys = batch.values()
+    with torch.no_grad():
+        preds = model(batch.xs, ys)
+        assert preds.shape == (2, 7)
+        # prediction i sees x_1, y_1, ..., x_i: changing y_4 and x_5 leaves predictions 1..4 unchanged
+        xs2, ys2 = batch.xs.clone(), ys.clone()
+        ys2[:, 3] += 5
+        xs2[:, 4] += 5
+        preds2 = model(xs2, ys2)
+    assert torch.equal(preds[:, :4], preds2[:, :4]) and not torch.allclose(preds[:, 4:], preds2[:, 4:])
+
+
+def test_prompt_offset_does_not_change_predictions():
+    """Rotary positions are relative: the official UFT defect (targets on absolute positions 82-163) cannot occur."""
+    model = tiny_model()
+    batch = S.sample_tasks("linear", 2, 7, 3, gen())
+    with torch.no_grad():
+        plain = model(batch.xs, batch.values())
+        shifted = model(batch.xs, batch.values(), positions=torch.arange(14) + 14)
+    assert torch.allclose(plain, shifted, atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_interrupted_save(tmp_path):
+    model = tiny_model(seed=5)
+    meta = {"n_dims": 3, "model_config": dataclasses.asdict(S.PRESETS["test"].model_config()), "step": 7}
+    S.save_checkpoint(tmp_path / "ckpt", model, meta)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["meta.json", "model.safetensors"]
+    loaded, loaded_meta = S.load_model(tmp_path / "ckpt")
+    assert loaded_meta == meta
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    # a save interrupted between its two renames leaves only CKPT.old: it is still found
+    (tmp_path / "ckpt").rename(tmp_path / "ckpt.old")
+    assert S.load_model(tmp_path / "ckpt")[1]["step"] == 7
+    with pytest.raises(FileNotFoundError, match="not a synthetic.py checkpoint"):
+        S.load_model(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resume and the end-to-end run
+
+
+def small_cfg(**overrides):
+    return dataclasses.replace(S.PRESETS["test"], pretrain_steps=12, warmup_steps=3, curriculum_dims=1,
+                               curriculum_points=3, curriculum_every=4, finetune_steps=6, metric_every=2, **overrides)
+
+
+def state(path):
+    return S.load_model(path)[0].state_dict()
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = small_cfg()
+    assert S.pretrain(cfg, tmp_path / "a", "cpu")
+    assert not S.pretrain(cfg, tmp_path / "b", "cpu", stop_at=5)  # paused mid-curriculum, optimizer state saved
+    assert S.read_meta(tmp_path / "b" / "pretrain")["step"] == 5
+    assert S.pretrain(cfg, tmp_path / "b", "cpu")
+    for name, tensor in state(tmp_path / "a" / "pretrain").items():
+        assert torch.equal(tensor, state(tmp_path / "b" / "pretrain")[name]), name
+    # fine-tuning: the same, including the recorded inner-product history and the evaluation
+    assert S.finetune(cfg, tmp_path / "a", "relu", "cft", [0], "cpu")
+    assert not S.finetune(cfg, tmp_path / "b", "relu", "cft", [0], "cpu", stop_at=3)
+    assert S.finetune(cfg, tmp_path / "b", "relu", "cft", [0], "cpu")
+    run_a, run_b = (tmp_path / x / "finetune" / "relu-cft-s0" for x in "ab")
+    for name, tensor in state(run_a).items():
+        assert torch.equal(tensor, state(run_b)[name]), name
+    assert S.read_meta(run_a)["history"] == S.read_meta(run_b)["history"]
+    assert (run_a / "eval.json").read_text() == (run_b / "eval.json").read_text()
+
+
+def test_config_clash_and_missing_pretrain_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no finished pretraining checkpoint"):
+        S.main(["finetune", "--out", str(tmp_path), "--preset", "test", "--task", "relu", "--method", "cft"])
+    with pytest.raises(SystemExit, match=r"other settings: preset='quick' \(stored 'test'\)"):
+        S.main(["all", "--quick", "--out", str(tmp_path)])
+
+
+def test_quick_run_cft_beats_cpt_on_polynomial(tmp_path):
+    """The paper's headline at test scale, through the CLI: pretrain, the whole grid, results.json."""
+    S.main(["all", "--preset", "test", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == set(S.TASKS) and all(set(r) == set(S.METHODS) for r in results.values())
+    for by_method in results.values():
+        for r in by_method.values():
+            assert math.isfinite(r["mse"]) and -1 <= r["inner_product"] <= 1
+    poly = results["polynomial"]
+    assert poly["cft"]["mse"] < 0.7 * poly["cpt"]["mse"], poly
+    assert poly["cft"]["mse"] < 0.7 * poly["neg-cft"]["mse"], poly
+    assert (tmp_path / "results.md").read_text().count("| polynomial |") == 3
+    assert (tmp_path / "inner_product.csv").is_file()
+    # re-running a finished run does no work and changes nothing
+    before = (tmp_path / "results.json").read_text()
+    S.main(["all", "--preset", "test", "--out", str(tmp_path)])
+    assert (tmp_path / "results.json").read_text() == before
