@@ -348,11 +348,11 @@ def bench_eval(argv):
                 continue
             same = sum(a == b for a, b in zip(ev.predict(fast), ev.predict(naive)))
             diff = max(abs(a - b) for fr, nr in zip(fast, naive) for a, b in zip(fr, nr))
-            # A disagreement is a near-tie when the naive top-2 margin is below the paths' numeric difference.
+            # How close to a tie the disagreements were (bf16 rounding differs between the two implementations).
             margins = [sorted(nr)[-1] - sorted(nr)[-2] for fr, nr in zip(fast, naive)
                        if ev.predict([fr]) != ev.predict([nr])]
             rows.append((name, path, len(qs), "", f"{first_s:.1f}", f"{fast_s:.1f}", f"{naive_s / fast_s:.1f}x",
-                         f"{same}/{len(qs)}", f"{diff:.3f}", sum(m > 2 * diff for m in margins),
+                         f"{same}/{len(qs)}", f"{diff:.3f}", f"{max(margins):.3f}" if margins else "-",
                          f"{ev.accuracy(golds, ev.predict(fast)):.3f}"))
             t = totals.setdefault(path, [0, 0.0, 0.0])
             t[1], t[2] = t[1] + fast_s, t[2] + first_s
@@ -364,7 +364,8 @@ def bench_eval(argv):
                      f"{s:.1f}" if failed == 0 else "failed", speedup, "", "", "", ""))
     print(f"\nbatch tokens {args.batch_tokens}; wall-clock seconds per full pass over the task")
     print(table(rows, ["task", "path", "questions", "prompt tokens", "1st pass s (compiles)", "s", "speed-up",
-                       "same predictions", "max |Δ log-lik|", "disagreements beyond 2·max|Δ|", "accuracy"]))
+                       "same predictions", "max |Δ log-lik|", "largest naive top-2 margin of a disagreement",
+                       "accuracy"]))
 
 
 SUBCOMMANDS = {
