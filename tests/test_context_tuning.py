@@ -1,6 +1,7 @@
 """Context tuning: the leave-one-out and dropout masks, zero gradients where the paper says so, exact reduction to
 ICL at zero steps, positions after the prefix, task files and bad input."""
 import json
+import math
 
 import pytest
 import torch
@@ -208,3 +209,25 @@ def test_converters_make_k_shot_tasks_from_the_shared_data(tmp_path):
     ct.main(["--tasks", "fiqa-sa", "--k", "4", "--max-queries", "20", "--write-tasks", str(out)])
     (task,) = ct.load_tasks(out)  # the written file reads back through the validator
     assert len(task.demos) == 4 and len(task.queries) == 20
+
+
+def test_regression_backbone_icl_matches_synthetic_forward_and_quick_experiment_runs():
+    """On synthetic.py's regression transformer: ICL through the prefix predicts what the model's own forward over
+    [demonstrations, query] predicts; the --quick experiment reports every method and the ablation."""
+    import synthetic as sy
+    reg = sy.build_model(sy.PRESETS["test"], seed=0).eval().requires_grad_(False)
+    head = ct.RegressionHead(reg)
+    task = sy.sample_tasks("shifted-linear", 1, 5, reg.n_dims, sy.generator("cpu", 0, "t"))
+    xs, ys = task.xs[0], task.values()[0]
+    ep = ct.regression_episode(head, xs[:4], ys[:4])
+    _, prefix_kv = ct.adapt("icl", reg.backbone, head, ep, ct.TuneConfig(progress=False))
+    hidden = reg.backbone.hidden_states(embeds=head.embed(xs[None, 4:], ys[None, 4:] * 0)[:, :1], prefix_kv=prefix_kv)
+    torch.testing.assert_close(reg.read_out(hidden)[0, 0, 0], reg(xs[None], ys[None])[0, -1], atol=1e-5, rtol=1e-5)
+    assert ct.regression_mse(reg.backbone, head, prefix_kv, xs[4:], ys[4:]) == pytest.approx(
+        (reg(xs[None], ys[None])[0, -1] - ys[4]).item() ** 2, rel=1e-4)
+    q = ct.QuickConfig(k=3, tasks_per_seed=1, queries_per_task=4, seeds=2, steps=2)
+    results = ct.quick_experiment(reg, q, progress=False)
+    assert set(results) == set(ct.METHODS) | set(ct.ABLATION)
+    for name, r in results.items():
+        assert len(r["mse_per_seed"]) == 2 and math.isfinite(r["mse"]) and math.isfinite(r["mse_std"]), name
+    assert results == ct.quick_experiment(reg, q, progress=False)  # seeded: TTT's adapters and dropout included
