@@ -664,6 +664,8 @@ def run_suite(args, model, tok, rank, world) -> dict:
         start = time.time()
         questions = [encode_question(tok, q) for q in build_task(task, args.data_dir, shots, args.seed, args.limit,
                                                                  same_questions_at_every_k=args.suite == "icl")]
+        if not questions:
+            raise DataError(f"{task}: the test file has no questions (see --data-dir)")
         scores = sum_over_ranks(score_fast(model, questions, args.batch_tokens, soft, rank, world, desc=name), world)
         results[name] = task_result(task, questions, scores, shots) | {"seconds": round(time.time() - start, 2)}
         if rank == 0:
@@ -717,6 +719,10 @@ def main(argv=None):
         unknown = [t for t in args.tasks if t not in TASKS]
         if unknown:
             raise DataError(f"--tasks: unknown task '{unknown[0]}'; choose from {', '.join(TASKS)}")
+        for flag, value, least in (("--limit", args.limit, 1), ("--shots", args.shots, 0),
+                                   ("--batch-tokens", args.batch_tokens, 1)):
+            if value is not None and value < least:
+                raise DataError(f"{flag} {value}: expected an integer >= {least}")
         if args.out and Path(args.out).exists():
             raise DataError(f"--out {args.out} exists; refusing to overwrite it")
         rank, world, device = setup_distributed()

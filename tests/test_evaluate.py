@@ -259,6 +259,7 @@ def test_cli_bad_inputs_exit_with_one_clear_line(tmp_path):
     cases = [(["--compare", str(tmp_path / "missing.json")], "missing.json: no such file"),
              (["--compare", str(tmp_path / "bad.json")], "bad.json: no 'tasks' object"),
              (["--tasks", "mmlu-medical,nope"], "unknown task 'nope'"),
+             (["--limit", "0"], "--limit 0: expected an integer >= 1"),
              (["--out", str(tmp_path / "taken.json")], "taken.json exists; refusing to overwrite it"),
              (["--tasks", "medqa", "--data-dir", str(tmp_path), "--tokenizer", str(tmp_path / "none.model")],
               "none.model: no such file")]
