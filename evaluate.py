@@ -583,13 +583,16 @@ def load_lora(model, path) -> None:
     """Apply and merge a LoRA adapter file: safetensors holding `<module>.lora_a` (rank, in) and `<module>.lora_b`
     (out, rank) for each adapted linear layer (names as the model's parameters, e.g.
     layers.0.self_attn.q_proj.lora_a), with metadata {"rank", "alpha"}. Merged (W += alpha/rank * B A) for speed."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected a LoRA adapter .safetensors)")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as e:
+        raise DataError(f"{path}: not a safetensors file ({e})") from None
     if "rank" not in meta or "alpha" not in meta:
         raise DataError(f"{path}: metadata needs 'rank' and 'alpha' (found {sorted(meta)})")
     targets = sorted({key.rsplit(".", 2)[-2] for key in tensors if key.endswith((".lora_a", ".lora_b"))})
@@ -614,11 +617,15 @@ def load_lora(model, path) -> None:
 def load_soft_prompt(path, dim: int) -> torch.Tensor:
     """A soft prompt file, as cft.py's ProMoT writes it: safetensors with one tensor "soft_prompt" (n_virtual_tokens,
     dim). Its vectors come first, at positions 0..n-1, then BOS and the text (cft.py's [SOFT]*n + BOS + ... rows)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected a soft prompt .safetensors)")
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except SafetensorError as e:
+        raise DataError(f"{path}: not a safetensors file ({e})") from None
     if "soft_prompt" not in tensors or tensors["soft_prompt"].dim() != 2 or tensors["soft_prompt"].shape[1] != dim:
         found = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(tensors.items())[:3])
         raise DataError(f"{path}: expected a tensor 'soft_prompt' of shape (n_tokens, {dim}); found "

@@ -194,6 +194,11 @@ def test_lora_adapter_file_is_applied(tmp_path):
               metadata={"rank": "4", "alpha": "8.0"})
     with pytest.raises(ev.DataError, match="partial.safetensors: tensor layers.0"):
         ev.load_lora(create_model(cfg, seed=0), tmp_path / "partial.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ev.DataError, match="junk.safetensors: not a safetensors file"):
+        ev.load_lora(create_model(cfg, seed=0), tmp_path / "junk.safetensors")
+    with pytest.raises(ev.DataError, match="junk.safetensors: not a safetensors file"):
+        ev.load_soft_prompt(tmp_path / "junk.safetensors", cfg.dim)
 
 
 def test_missing_file_names_the_path_and_the_layout(tmp_path):
