@@ -682,6 +682,14 @@ def run_suite(args, model, tok, rank, world) -> dict:
     return {"tasks": results}
 
 
+def default_name(args) -> str:
+    """The table label: the checkpoint folder (its parent for cft.py's <out>/final), else the preset."""
+    if not args.checkpoint:
+        return args.model
+    path = Path(args.checkpoint).resolve()
+    return path.parent.name if path.name == "final" else path.name
+
+
 def default_tokenizer(args) -> str:
     if args.tokenizer:
         return args.tokenizer
@@ -739,17 +747,20 @@ def main(argv=None):
         model = build_model(args, device, dtype)
         tok.check_vocab(model.cfg.vocab_size)
         start = time.time()
-        result = {"name": args.name or (Path(args.checkpoint).name if args.checkpoint else args.model),
+        result = {"name": args.name or default_name(args),
                   "checkpoint": args.checkpoint, "lora": args.lora, "soft_prompt": args.soft_prompt,
                   "suite": args.suite, "seed": args.seed, "limit": args.limit, "dtype": str(dtype), "world": world}
         result |= run_suite(args, model, tok, rank, world)
         result["seconds"] = round(time.time() - start, 2)
         if rank == 0:
             print(markdown_table([result]))
-            if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-                print(f"wrote {args.out}", file=sys.stderr)
+            if args.out:  # written whole and renamed into place: never a half-written result file
+                out = Path(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(f".{out.name}.tmp")
+                tmp.write_text(json.dumps(result, indent=2) + "\n")
+                os.replace(tmp, out)
+                print(f"wrote {out}", file=sys.stderr)
     except (DataError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     finally:
