@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import Tokenizer
+from data import Tokenizer, tokenize_texts
 from model import KVCache, ModelConfig, PRESETS, apply_lora, create_model, load_pretrained, merge_lora
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -307,18 +307,28 @@ class Encoded:
     gold: int
 
 
+def encode_questions(tok: Tokenizer, questions: list[Question]) -> list[Encoded]:
+    """Tokenize (in parallel worker processes for large tasks: data.tokenize_texts) every context, and every context
+    followed by each option, as the harness does: an option's continuation is encode(context + " " + option) minus
+    encode(context), because sentencepiece merges across the boundary differently from encoding " A" alone
+    (["▁", "▁A"] instead of ["▁A"])."""
+    contexts = [q.prefix + q.text for q in questions]
+    extended = [c + " " + choice for c, q in zip(contexts, questions) for choice in q.choices]
+    ids = [t.tolist() for t in tokenize_texts(contexts + extended, tok.path, progress=False)]
+    encoded, rest = [], iter(ids[len(contexts):])
+    for q, ctx in zip(questions, ids):
+        continuations = []
+        for choice in q.choices:
+            whole = next(rest)
+            if whole[:len(ctx)] != ctx or len(whole) == len(ctx):
+                raise ValueError(f"{q.group}: option {choice!r} does not tokenize as a continuation of its prompt")
+            continuations.append(whole[len(ctx):])
+        encoded.append(Encoded(q.group, [tok.bos_id] + ctx, continuations, q.gold))
+    return encoded
+
+
 def encode_question(tok: Tokenizer, q: Question) -> Encoded:
-    context = q.prefix + q.text
-    ctx = tok.encode(context, bos=True)
-    continuations = []
-    for choice in q.choices:
-        # Tokenize context + continuation together, as the harness does: sentencepiece merges across the boundary
-        # differently from encoding " A" alone (which gives ["▁", "▁A"]).
-        whole = tok.encode(context + " " + choice, bos=True)
-        if whole[:len(ctx)] != ctx or len(whole) == len(ctx):
-            raise ValueError(f"{q.group}: option {choice!r} does not tokenize as a continuation of its prompt")
-        continuations.append(whole[len(ctx):])
-    return Encoded(q.group, ctx, continuations, q.gold)
+    return encode_questions(tok, [q])[0]
 
 
 def single_token(q: Encoded) -> bool:
@@ -669,8 +679,8 @@ def run_suite(args, model, tok, rank, world) -> dict:
     results = {}
     for task, shots, name in runs:
         start = time.time()
-        questions = [encode_question(tok, q) for q in build_task(task, args.data_dir, shots, args.seed, args.limit,
-                                                                 same_questions_at_every_k=args.suite == "icl")]
+        questions = encode_questions(tok, build_task(task, args.data_dir, shots, args.seed, args.limit,
+                                                     same_questions_at_every_k=args.suite == "icl"))
         if not questions:
             raise DataError(f"{task}: the test file has no questions (see --data-dir)")
         scores = sum_over_ranks(score_fast(model, questions, args.batch_tokens, soft, rank, world, desc=name), world)
