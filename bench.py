@@ -3,6 +3,7 @@
     python bench.py attention [--tiny]     fused attention vs SDPA's cuDNN/flash backends; fused vs exact parity
     python bench.py ct [--tiny]            context tuning: step time and memory vs k for CT-KV, CT-Prompt, TTT
     python bench.py eval [--tiny]          evaluate.py scoring vs naive transformers scoring (MMLU-medical, MedQA)
+    python bench.py synthetic [--tiny]     synthetic.py's training steps vs the official schedule's (step time)
 
 Each subcommand prints a markdown table for BENCHMARKS.md. Timings: CUDA events, warm-up first, median of repeats.
 """
@@ -368,10 +369,59 @@ def bench_eval(argv):
                        "accuracy"]))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# synthetic
+
+
+def bench_synthetic(argv):
+    """synthetic.py's training step on the full-size regression transformer (d = 20, 12 x 256 x 8): the official
+    schedule's step (batch 64, fp32, eager) against synthetic.py's pretraining step (batch 512, bf16, compiled) and
+    fine-tuning steps (batch 128, bf16, eager), with the time each schedule's step count would take."""
+    from contextlib import nullcontext
+    import synthetic as S
+    parser = argparse.ArgumentParser(prog="bench.py synthetic", description=bench_synthetic.__doc__)
+    parser.add_argument("--tiny", action="store_true", help="the test-sized model (CPU smoke test)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = S.PRESETS["test" if args.tiny else "full"]
+    model = S.build_model(cfg, 0).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
+
+    def training_step(forward, task, method, batch_size, bf16):
+        prompt, _ = S.sample_prompt(cfg, task, method, batch_size, torch.Generator(device).manual_seed(0))
+
+        def step():
+            with S.autocast(device) if bf16 else nullcontext():
+                loss = S.squared_errors(forward, prompt).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    compiled = torch.compile(model)
+    cases = [("pretrain, official: fp32, eager", model, "linear", "cpt", 64, False, 500_000),
+             ("pretrain, synthetic.py: bf16, compiled", compiled, "linear", "cpt", cfg.pretrain_batch, True,
+              cfg.pretrain_steps),
+             ("fine-tune CPT, synthetic.py: bf16, eager", model, "polynomial", "cpt", cfg.finetune_batch, True,
+              cfg.finetune_steps),
+             ("fine-tune CFT, synthetic.py: bf16, eager", model, "polynomial", "cft", cfg.finetune_batch, True,
+              cfg.finetune_steps)]
+    rows = []
+    for name, forward, task, method, batch_size, bf16, steps in cases:
+        ms = timed(training_step(forward, task, method, batch_size, bf16), repeats=20, warmup=3)
+        rows.append((name, batch_size, f"{ms:.2f}", f"{batch_size * 1000 / ms:,.0f}", f"{steps:,}",
+                     f"{steps * ms / 60_000:.1f}"))
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; model d={cfg.n_dims}, "
+          f"{cfg.n_layers} layers x {cfg.dim} x {cfg.n_heads} heads; prompts of {cfg.n_points} pairs (CFT: twice)")
+    print(table(rows, ["step", "batch", "ms/step", "prompts/s", "steps in schedule", "minutes for those steps"]))
+
+
 SUBCOMMANDS = {
     "attention": bench_attention,
     "ct": bench_ct,
     "eval": bench_eval,
+    "synthetic": bench_synthetic,
 }
 
 
