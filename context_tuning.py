@@ -99,16 +99,7 @@ def load_tasks(path) -> list[Task]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such task file (expected JSONL, one task per line)")
-    tasks = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            tasks.append(parse_task(obj, f"{path}:{lineno}"))
+    tasks = [parse_task(obj, f"{path}, line {line_no}") for line_no, obj in ev.read_jsonl(path, keys=())]
     if not tasks:
         raise ValueError(f"{path}: no tasks in the file")
     return tasks

@@ -157,9 +157,9 @@ def test_bad_task_files_fail_with_one_clear_line(tmp_path, change, message):
     path = write_jsonl(tmp_path / "tasks.jsonl", [TASK, task])
     with pytest.raises(SystemExit) as e:
         ct.main(["--tasks", str(path), "--write-tasks", str(tmp_path / "out.jsonl")])
-    assert str(e.value).startswith(f"error: {path}:2: ") and message in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"error: {path}, line 2: ") and message in str(e.value) and "\n" not in str(e.value)
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(SystemExit, match="bad.jsonl:1: not valid JSON"):
+    with pytest.raises(SystemExit, match="bad.jsonl, line 1: not valid JSON"):
         ct.main(["--tasks", str(tmp_path / "bad.jsonl"), "--write-tasks", str(tmp_path / "out.jsonl")])
 
 
