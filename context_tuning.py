@@ -431,7 +431,7 @@ def answer(model, head, tok, prefix_kv, query: Query, max_new_tokens: int) -> st
     x = tok.encode(query.input)
     if query.options:
         rows = [x + tok.encode(o) for o in query.options]
-        T = max(map(len, rows))
+        T = -(-max(map(len, rows)) // 64) * 64  # right-pad to a multiple of 64: few shapes for CUDA's compiled attention
         tokens = torch.zeros(len(rows), T, dtype=torch.long, device=device)
         keep = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
         for i, r in enumerate(rows):

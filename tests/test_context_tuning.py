@@ -103,6 +103,23 @@ def test_zero_steps_of_ct_kv_and_ct_prompt_reproduce_icl_exactly(setup):
     torch.testing.assert_close(full[:, -len(query):], icl, atol=1e-5, rtol=1e-5)
 
 
+def test_options_are_scored_by_mean_per_token_loss(setup):
+    """The answer is the option with the lowest mean per-token loss after the context (a naive full pass here)."""
+    tok, model, _, ep = setup
+    query = ct.Query("We treated", "the risk", ["pain", "the risk", "profits in the first quarter", "revenue"])
+    x = tok.encode(query.input)
+
+    def mean_loss(option):
+        ids = x + tok.encode(option)
+        inputs = torch.cat([ep.context()[0], model.embed_tokens(torch.tensor(ids))])[None]
+        logp = model(embeds=inputs)[0, -len(ids):].log_softmax(-1)[len(x) - 1:-1]
+        return -logp.gather(1, torch.tensor(ids[len(x):])[:, None]).mean().item()
+    losses = {o: mean_loss(o) for o in query.options}
+    assert len(set(losses.values())) == len(losses)  # no ties: the test can tell options apart
+    prefix_kv = ct.prefix_kv_of(model, ep.context())
+    assert ct.answer(model, ct.TokenHead(model), tok, prefix_kv, query, 4) == min(losses, key=losses.get)
+
+
 def test_training_pairs_sit_at_positions_from_P(setup):
     """Pair i after the prefix gives the same loss as one plain causal pass over [context, demonstration i]: rotary
     positions continue at P (a pair re-started at 0 would not match)."""
