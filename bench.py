@@ -279,9 +279,10 @@ def bench_eval(argv):
     from data import Tokenizer
     from model import ModelConfig, create_model, hf_key
     parser = argparse.ArgumentParser(prog="bench.py eval", description="evaluate.py's log-likelihood scoring (shared "
-                                     "prefix encoded once, length-sorted right-padded batches, one forward per "
-                                     "question) vs transformers' LlamaForCausalLM scoring the same prompts naively "
-                                     "(one question at a time, full prompt, full logits); same random weights")
+                                     "prefix encoded once, length-sorted right-padded batches, vocabulary projection "
+                                     "only where scored) vs transformers' LlamaForCausalLM scoring the same prompts "
+                                     "naively (batch 1, one question per forward with its options read at the last "
+                                     "position, full prompt, full logits); same random weights, same tokens")
     parser.add_argument("--tiny", action="store_true", help="the tiny preset instead of llama2-7b (CPU smoke test)")
     parser.add_argument("--data-dir", default=str(ev.DEFAULT_DATA_DIR),
                         help="laid out as ../shared/data: mmlu-medical/, medqa-usmle-4opt/, llama2-tokenizer/")
@@ -298,11 +299,14 @@ def bench_eval(argv):
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; torch {torch.__version__}; "
           f"transformers {transformers.__version__}; {preset} shapes, random weights, {str(dtype)[6:]}")
 
-    tok = Tokenizer(Path(args.data_dir) / "llama2-tokenizer" / "tokenizer.model")
     start = time.perf_counter()
     tasks = {"MMLU-medical 5-shot": ("mmlu-medical", 5), "MedQA 0-shot": ("medqa", 0)}
-    questions = {name: ev.encode_questions(tok, ev.build_task(task, args.data_dir, k, limit=args.limit))
-                 for name, (task, k) in tasks.items()}
+    try:
+        tok = Tokenizer(Path(args.data_dir) / "llama2-tokenizer" / "tokenizer.model")
+        questions = {name: ev.encode_questions(tok, ev.build_task(task, args.data_dir, k, limit=args.limit))
+                     for name, (task, k) in tasks.items()}
+    except (ValueError, FileNotFoundError) as e:  # ev.DataError is a ValueError
+        raise SystemExit(f"error: {e}")
     print(f"tokenized {sum(map(len, questions.values()))} questions in {time.perf_counter() - start:.1f} s "
           "(shared by both paths, not timed)")
 
