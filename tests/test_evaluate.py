@@ -282,6 +282,10 @@ def test_cli_end_to_end_on_a_tiny_random_model(tmp_path):
     r = json.loads(out.read_text())
     assert r["tasks"]["mmlu-medical"]["n"] == 6 and len(r["tasks"]["mmlu-medical"]["subjects"]) == 6
     assert set(r["tasks"]["fiqa-sa"]) >= {"accuracy", "weighted_f1", "macro_f1", "n"}
+    ev.main(["--suite", "icl", "--tasks", "fiqa-sa", "--limit", "1", "--out", str(tmp_path / "icl.json")])
+    icl = json.loads((tmp_path / "icl.json").read_text())["tasks"]
+    assert list(icl) == ["fiqa-sa k=0", "fiqa-sa k=1", "fiqa-sa k=4", "fiqa-sa k=8"]
+    assert [icl[k]["shots"] for k in icl] == [0, 1, 4, 8] and all(icl[k]["n"] == 1 for k in icl)
 
 
 @needs_data
