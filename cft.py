@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -485,7 +486,8 @@ def save_checkpoint(out: Path, step: int, stage: str, lm, optimizer, env: Dist):
         shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from a crash, never a finished checkpoint
         tmp.mkdir(parents=True)
     env.barrier()
-    dcp.save(checkpoint_state(lm, optimizer), checkpoint_id=str(tmp))
+    with _quiet_dcp():
+        dcp.save(checkpoint_state(lm, optimizer), checkpoint_id=str(tmp))
     rng = {"cpu": torch.get_rng_state()}
     if env.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(env.device)
@@ -500,6 +502,14 @@ def save_checkpoint(out: Path, step: int, stage: str, lm, optimizer, env: Dist):
     env.barrier()
 
 
+@contextlib.contextmanager
+def _quiet_dcp():
+    """Without a process group DCP runs as one process (our intent) but warns about it on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     return found[-1] if found else None
@@ -509,7 +519,8 @@ def load_checkpoint(path: Path, lm, optimizer, env: Dist):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     state = checkpoint_state(lm, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(lm, state["model"])
     set_optimizer_state_dict(lm, optimizer, state["optim"])
     rng_file = path / f"rng-rank{env.rank}.pt"
@@ -776,11 +787,6 @@ def prepare_out(cfg: Config, methods: list[str], env: Dist) -> list[Path]:
     if cfg.resume and latest_checkpoint(outs[0]) is None and not (outs[0] / "final").exists():
         fail(f"--resume: no checkpoint in {outs[0] / 'checkpoints'}")
     env.barrier()
-    if env.main:
-        for o in outs:
-            o.mkdir(parents=True, exist_ok=True)
-            (o / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    env.barrier()
     return outs
 
 
@@ -799,6 +805,10 @@ def run_method(method: str, cfg: Config, env: Dist, texts, questions, tokenizer,
         n_tokens = int(train_data.rows.loss.sum())
         print(f"{method}: {len(train_data.rows)} rows of {cfg.seq_len} tokens, {n_tokens:,} trained tokens, "
               f"{lm.cfg.num_params() / 1e6:.1f}M parameters, {env.world} process(es) on {env.device.type}")
+    if env.main:  # created only now, so that a run refused over bad input leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    env.barrier()
     records = train(lm, train_data, cfg, env, out, label=method)
     result["loss"] = records[-1]["loss"] if records else float("nan")
     if cfg.stop_after is not None and records and records[-1]["step"] == cfg.stop_after:

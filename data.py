@@ -551,8 +551,10 @@ def world_documents(drugs: list[Drug], seed: int = 0, per_drug: int = 6) -> list
     rng = np.random.default_rng([seed, 1])
     docs = []
     for drug in drugs:
-        for _ in range(per_drug):
-            sentences = [str(rng.choice(t)).format(**vars(drug)) for t in _FACT_TEMPLATES.values()]
+        # Each phrasing of each fact appears at least once per drug (when per_drug >= the number of phrasings).
+        phrasings = [rng.permutation(t).tolist() for t in _FACT_TEMPLATES.values()]
+        for j in range(per_drug):
+            sentences = [p[j % len(p)].format(**vars(drug)) for p in phrasings]
             sentences = rng.permutation(sentences).tolist()
             sentences.insert(int(rng.integers(1, len(sentences) + 1)), str(rng.choice(_FILLER)).format(name=drug.name))
             docs.append(" ".join(sentences))

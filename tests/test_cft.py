@@ -1,0 +1,168 @@
+"""cft.py: loss masking, distributed equivalence (torchrun, FSDP2 on gloo), exact resume, ProMoT, auto-CFT, bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cft
+import data
+from conftest import ROOT, _generated_sentences, tiny_cfg
+from model import create_model, load_pretrained, save_pretrained
+
+# Small enough for seconds on 2 cores; micro-batches of 2 so that one process accumulates two of them.
+TRAIN = ["--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "4", "--lr", "1e-3",
+         "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_path):
+    """A tiny random HF checkpoint with its tokenizer, a JSONL corpus, and a cache folder."""
+    root = tmp_path_factory.mktemp("cft")
+    ckpt = root / "ckpt"
+    save_pretrained(create_model(tiny_cfg(512), seed=0), ckpt)
+    shutil.copy(tokenizer_path, ckpt / "tokenizer.model")
+    with open(root / "corpus.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": " ".join(_generated_sentences(3 + i % 7, seed=i))}) + "\n")
+    return root
+
+
+def args(setup, out, *extra):
+    return ["--checkpoint", str(setup / "ckpt"), "--data", str(setup / "corpus.jsonl"), "--out", str(out),
+            "--cache-dir", str(setup / "cache"), *TRAIN, *extra]
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in cft.read_metrics(Path(out))]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """One uninterrupted single-process run."""
+    out = setup / "reference"
+    cft.main(args(setup, out))
+    return out
+
+
+def test_prompt_tokens_get_no_gradient(setup):
+    tok = data.Tokenizer(setup / "ckpt" / "tokenizer.model")
+    prompts = cft.method_prompts("cft", tok, None)
+    docs = [np.array(tok.encode(" ".join(_generated_sentences(4, seed=s))), np.int32) for s in range(3)]
+    rows = data.domain_rows(docs, prompts, 160, tok.bos_id, tok.eos_id, tok.pad_id, seed=0, pack=True)
+    batch = data.to_batch(rows, np.arange(len(rows)), "cpu")
+    lm = cft.LanguageModel(load_pretrained(setup / "ckpt"))
+    logits = []
+
+    def keep_logits(module, inputs, output):
+        output.retain_grad()
+        logits.append(output)
+    lm.model.lm_head.register_forward_hook(keep_logits)
+    cft.loss_sum(lm, batch).backward()
+    grad_norm = logits[0].grad.norm(dim=-1)  # (B, T): gradient reaching each position's prediction
+    next_tokens = torch.from_numpy(rows.tokens[:, 1:]).long()
+    # Positions whose next token is a BOS or a prompt token (not a trained token, not padding).
+    is_prompt_or_bos = torch.from_numpy(~rows.loss[:, 1:]) & (next_tokens != tok.pad_id)
+    assert (grad_norm[is_prompt_or_bos] == 0).all()
+    assert (grad_norm[batch["targets"] != -100] > 0).all()
+    assert is_prompt_or_bos.sum() > 100
+
+
+def test_torchrun_two_processes_equal_one(setup, reference):
+    out = setup / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "cft.py"), *args(setup, out, "--micro-batch-size", "1")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = losses(reference), losses(out)
+    assert len(one) == len(two) == 4
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+    # The final HF folders agree too: FSDP gathered the shards correctly.
+    a, b = load_file(reference / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_stop_and_resume_reproduce_the_uninterrupted_run_exactly(setup, reference):
+    out = setup / "resumed"
+    cft.main(args(setup, out, "--save-every", "1", "--stop-after", "3"))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]  # older ones rotated out after step 3
+    assert losses(out) == losses(reference)[:3]
+    cft.main(args(setup, out, "--resume"))
+    assert losses(out) == losses(reference)  # bit-identical, step 4 included
+    final = out / "final"
+    assert (final / "tokenizer.model").is_file() and load_pretrained(final).cfg == tiny_cfg(512)
+
+
+def test_builtin_demo_runs_cft_beside_cpt(tmp_path, capsys):
+    cft.main(["--out", str(tmp_path / "demo"), "--max-steps", "2", "--no-progress", "--cache-dir",
+              str(tmp_path / "cache")])
+    printed = capsys.readouterr().out
+    assert "closed-book accuracy on 96 fictional-fact questions" in printed
+    assert "\ncft " in printed and "\ncpt " in printed
+
+
+def test_promot_trains_the_soft_prompt_then_freezes_it(setup):
+    out = setup / "promot"
+    cft.main(args(setup, out, "--promot-prompt-steps", "2", "--promot-prompt-len", "4", "--max-steps", "2"))
+    records = cft.read_metrics(out)
+    assert [r["stage"] for r in records] == ["prompt", "prompt", "model", "model"]
+    soft = load_file(out / "final" / "soft_prompt.safetensors")["soft_prompt"]
+    tok = data.Tokenizer(setup / "ckpt" / "tokenizer.model")
+    lm = cft.LanguageModel(load_pretrained(setup / "ckpt"), 4)
+    cft.init_soft_prompt(lm, tok, data.CONTEXTUAL_PROMPTS["Focus on Key Concepts"])
+    assert soft.shape == (4, 64) and not torch.allclose(soft, lm.soft_prompt)
+    optimizer, params = cft.make_optimizer(lm, "prompt", cft.parse_args([]), cft.Dist())
+    assert [p is lm.soft_prompt for p in params] == [True]
+    optimizer, params = cft.make_optimizer(lm, "model", cft.parse_args([]), cft.Dist())
+    assert all(p is not lm.soft_prompt for p in params) and not lm.soft_prompt.requires_grad
+
+
+def test_auto_cft_generates_one_cached_prompt_per_document(setup):
+    cft.main(args(setup, setup / "auto", "--method", "auto-cft", "--max-steps", "1", "--auto-prompt-tokens", "6",
+                  "--lora-rank", "4"))
+    cached = list((setup / "cache").glob("auto-prompts-*.json"))
+    assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == 40
+    assert (setup / "auto" / "final" / "model.safetensors").is_file()  # LoRA merged into the HF folder
+
+
+@pytest.mark.parametrize("case", ["empty", "field", "out-exists", "vocab", "nan"])
+def test_bad_input_stops_with_one_clear_line(setup, tmp_path, case):
+    corpus = setup / "corpus.jsonl"
+    extra = []
+    if case == "empty":
+        corpus = tmp_path / "empty.jsonl"
+        corpus.write_text("\n")
+        expected = "empty corpus"
+    elif case == "field":
+        extra = ["--text-field", "body"]
+        expected = "corpus.jsonl:1: no field 'body'"
+    elif case == "out-exists":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "precious.txt").write_text("user data")
+        expected = "exists and is not empty"
+    elif case == "vocab":
+        other = tmp_path / "other.model"
+        data.train_tokenizer(list(_generated_sentences(2000)), other, 600)
+        extra = ["--tokenizer", str(other)]
+        expected = "has 600 tokens but the model's vocabulary has 512"
+    else:
+        extra = ["--lr", "1e12", "--save-every", "1", "--max-steps", "6"]
+        expected = "loss is nan"
+    argv = args(setup, tmp_path / "out", *extra)
+    argv[argv.index("--data") + 1] = str(corpus)
+    with pytest.raises(SystemExit) as e:
+        cft.main(argv)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message and expected in message
+    if case == "out-exists":
+        assert (tmp_path / "out" / "precious.txt").read_text() == "user data"
+    if case == "nan":
+        assert "last good checkpoint" in message and (tmp_path / "out" / "checkpoints").is_dir()

@@ -1,0 +1,161 @@
+"""data.py: prompts, corpus readers, tokenization cache, prompt + chunk rows, packing, sampler, fictional domain."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from conftest import tiny_cfg
+from model import AttentionMask, create_model
+
+BOS, EOS, PAD = 1, 2, 0
+PROMPTS = [[10, 11, 12], [20, 21], [30, 31, 32, 33]]
+
+
+def test_prompt_sets_have_ten_categories_and_the_papers_wording():
+    assert len(data.CONTEXTUAL_PROMPTS) == 10 and len(data.NEGATIVE_PROMPTS) == 10
+    assert data.CONTEXTUAL_PROMPTS["Focus on Key Concepts"].startswith("Concentrate on understanding the core")
+    assert len(set(data.NEGATIVE_PROMPTS)) == 10
+
+
+def test_load_prompts_json_lines_and_errors(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(["Read closely.", "Think."]))
+    (tmp_path / "b.txt").write_text("Read closely.\n\nThink.\n")
+    assert data.load_prompts(tmp_path / "a.json") == data.load_prompts(tmp_path / "b.txt") == ["Read closely.", "Think."]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="no prompts"):
+        data.load_prompts(tmp_path / "empty.txt")
+
+
+def test_every_chunk_of_a_long_document_starts_with_its_own_prompt():
+    doc = np.arange(100, 600, dtype=np.int32)  # 500 tokens, rows of 65
+    examples = data.document_examples(doc, PROMPTS, 65, BOS, EOS, np.random.default_rng(0))
+    assert len(examples) > 8
+    text = []
+    used = set()
+    for ex in examples:
+        assert len(ex.tokens) <= 65 and ex.tokens[0] == BOS
+        prompt = next(p for p in PROMPTS if list(ex.tokens[1:1 + len(p)]) == p)  # raises if none matches
+        used.add(tuple(prompt))
+        head = 1 + len(prompt)
+        assert not ex.loss[:head].any() and ex.loss[head:].all()  # no loss on BOS and prompt, loss on all text
+        text.extend(ex.tokens[head:])
+    assert text == list(doc) + [EOS]  # chunks tile the document exactly, EOS once at the end
+    assert len(used) == 3  # prompts are sampled per chunk, not once per document
+
+
+def test_prompt_tokens_are_never_targets():
+    docs = [np.arange(100, 100 + n, dtype=np.int32) for n in (5, 40, 130)]
+    for pack in (False, True):
+        rows = data.domain_rows(docs, PROMPTS, 64, BOS, EOS, PAD, seed=0, pack=pack)
+        batch = data.to_batch(rows, np.arange(len(rows)), "cpu")
+        targets = batch["targets"][batch["targets"] != -100].tolist()
+        # Every target is a document token or EOS; every document token is a target exactly once.
+        assert sorted(targets) == sorted(np.concatenate(docs).tolist() + [EOS] * len(docs))
+
+
+def test_cpt_rows_have_no_prompt_and_seeded_prompts_repeat():
+    doc = [np.arange(100, 300, dtype=np.int32)]
+    cpt = data.domain_rows(doc, [[]], 64, BOS, EOS, PAD, seed=0, pack=False)
+    assert (cpt.loss[:, 1:].sum(1) > 0).all() and (cpt.tokens[:, 1] >= 100).all()
+    a, b = (data.domain_rows(doc, PROMPTS, 64, BOS, EOS, PAD, seed=3, pack=True) for _ in range(2))
+    assert np.array_equal(a.tokens, b.tokens)
+
+
+def test_packed_documents_cannot_attend_across_boundaries():
+    torch.manual_seed(0)
+    model = create_model(tiny_cfg(), seed=0)
+    docs = [np.random.default_rng(i).integers(40, 500, n).astype(np.int32) for i, n in enumerate((20, 33, 9))]
+    rows = data.domain_rows(docs, PROMPTS, 96, BOS, EOS, PAD, seed=0, pack=True)
+    assert len(rows) == 1 and rows.doc_ids[0].max() == 3  # three documents and padding in one row
+    batch = data.to_batch(rows, [0], "cpu")
+    mask = AttentionMask(doc_ids=batch["doc_ids"])
+    with torch.no_grad():
+        packed = model(batch["tokens"], mask=mask)[0]
+        ids = batch["doc_ids"][0]
+        for d in range(3):  # each document alone gives the same logits (rotary attention is relative)
+            alone = model(batch["tokens"][:, ids == d])[0]
+            torch.testing.assert_close(packed[ids == d], alone, rtol=1e-5, atol=1e-5)
+        # Changing document 0 leaves the others' logits bit-identical.
+        changed = batch["tokens"].clone()
+        changed[0, ids == 0] = 7
+        after = model(changed, mask=mask)[0]
+        assert torch.equal(after[ids > 0], packed[ids > 0]) and not torch.equal(after[ids == 0], packed[ids == 0])
+
+
+def test_instruction_examples_train_on_the_response_only():
+    ex = data.instruction_example([50, 51, 52], [60, 61], BOS, EOS)
+    assert ex.tokens.tolist() == [BOS, 50, 51, 52, 60, 61, EOS]
+    assert ex.loss.tolist() == [False] * 4 + [True] * 3
+
+
+def test_mix_rows_reaches_the_ratio():
+    main = data.make_rows([data.Example(np.array([BOS, 5, 6], np.int32), np.array([0, 1, 1], bool))] * 30, 8, PAD, False)
+    extra = data.make_rows([data.Example(np.array([BOS, 9], np.int32), np.array([0, 1], bool))] * 4, 8, PAD, False)
+    mixed = data.mix_rows(main, extra, 0.25, seed=0)
+    assert len(mixed) == 40 and (mixed.tokens[:, 1] == 9).sum() == 10
+
+
+def test_sampler_splits_each_global_batch_over_ranks_and_reshuffles_per_epoch():
+    sampler = data.GlobalBatchSampler([30, 10], global_batch=8, seed=0)
+    assert len(sampler) == 5
+    order = sampler.order()
+    assert sorted(order[:30]) == list(range(30)) and sorted(order[30:]) == list(range(30, 40))  # stage 2 after stage 1
+    for step in range(len(sampler)):
+        shares = [sampler.batch(step, r, 4, order) for r in range(4)]
+        assert np.array_equal(np.concatenate(shares), sampler.batch(step, order=order))
+    sampler.set_epoch(1)
+    assert not np.array_equal(sampler.order(), order)
+    with pytest.raises(ValueError, match="global batch"):
+        data.GlobalBatchSampler([3], global_batch=8, seed=0)
+
+
+def test_corpus_readers_jsonl_gzip_txt_and_bad_input(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_bytes(b'{"body": "first"}\n\n{"body": "bad \xff byte"}\n{"body": "second"}\n')
+    with gzip.open(corpus / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"body": "third"}) + "\n")
+    (corpus / "c.txt").write_text("a whole text file")
+    (corpus / "d.txt").write_bytes(b"\xfe\xff not utf-8")
+    (corpus / "ignored.csv").write_text("x")
+    texts, stats = data.read_corpus(corpus, "body")
+    assert texts == ["first", "second", "third", "a whole text file"]
+    assert stats.skipped_non_utf8 == 2 and stats.files == 4
+    with pytest.raises(ValueError, match=r"a\.jsonl:1: no field 'text'"):
+        data.read_corpus(corpus / "a.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty corpus"):
+        data.read_corpus(tmp_path / "empty.jsonl")
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: not valid JSON"):
+        data.read_corpus(tmp_path / "broken.jsonl")
+
+
+def test_tokenization_is_cached_and_parallel_equals_serial(tmp_path, tokenizer_path):
+    texts = [f"The patient reduced the dose {i} times." for i in range(600)]
+    serial = data.tokenize_texts(texts, tokenizer_path, workers=1, progress=False)
+    parallel = data.tokenize_texts(texts, tokenizer_path, tmp_path, workers=2, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(serial, parallel))
+    assert serial[0].tolist() == data.Tokenizer(tokenizer_path).encode(texts[0])
+    cached = list(tmp_path.glob("tokens-*.npz"))
+    assert len(cached) == 1
+    again = data.tokenize_texts(texts, tokenizer_path, tmp_path, workers=2, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(serial, again))
+    data.tokenize_texts(texts[:-1], tokenizer_path, tmp_path, workers=1, progress=False)
+    assert len(list(tmp_path.glob("tokens-*.npz"))) == 2  # a different corpus never reuses the cache
+
+
+def test_fictional_domain_questions_are_answerable_from_the_documents():
+    world = data.make_world(0)
+    docs = " ".join(data.world_documents(world, 0))
+    questions = data.world_questions(world, 0)
+    assert len(questions) == 4 * len(world)
+    for q in questions:
+        assert len(set(q["options"])) == 4
+        right = q["stem"] + q["choices"][q["answer"]]
+        assert right in docs  # the cloze statement of the right answer is stated in the textbook
+        assert all(q["stem"] + c + " " not in docs + " " for i, c in enumerate(q["choices"]) if i != q["answer"])
+    assert data.world_documents(data.make_world(1), 1) != data.world_documents(world, 0)
