@@ -162,6 +162,13 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token for MFU: model.py's 6N + 12·layers·dim·seq, less the input embedding, which is a
+    lookup and no matmul (the convention behind the issue's figure for transformers: 33.3k tokens/s = 40.8% MFU)."""
+    embedding = 0 if cfg.tie_embeddings else 6 * cfg.vocab_size * cfg.dim
+    return cfg.flops_per_token(seq_len) - embedding
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs as a single process without any
 # process group. gloo on CPU, nccl on GPU.
@@ -216,7 +223,7 @@ def setup_distributed(device: str | None) -> Dist:
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, transformer: Transformer, soft_prompt_len: int = 0):
+    def __init__(self, transformer: Transformer, soft_prompt_len: int = 0, compile_loss: bool = False):
         super().__init__()
         self.model = transformer
         self.cfg = transformer.cfg
@@ -224,14 +231,29 @@ class LanguageModel(nn.Module):
         if soft_prompt_len:
             self.soft_prompt = nn.Parameter(torch.empty(soft_prompt_len, transformer.cfg.dim,
                                                         device=transformer.embed_tokens.weight.device))
+        # Compiled, the output projection and the cross-entropy fuse: the (tokens x vocab) fp32 logits are never
+        # written out in full, which is a large share of a step's memory traffic at a 32k vocabulary.
+        self.head_loss = torch.compile(head_loss) if compile_loss else head_loss
 
-    def forward(self, tokens, *, soft=None, mask=None, **kwargs):
-        """Logits. soft (B, T) bool marks runs of soft_prompt_len slots that take the soft prompt's vectors."""
+    def forward(self, tokens, *, soft=None, mask=None, targets=None, **kwargs):
+        """Logits (B, T, vocab), or with targets the summed next-token loss. soft (B, T) bool marks runs of
+        soft_prompt_len slots that take the soft prompt's vectors (ProMoT)."""
         if soft is None:
-            return self.model(tokens, mask=mask, **kwargs)
-        embeds = self.model.embed_tokens(tokens)
-        vectors = self.soft_prompt.to(embeds.dtype).repeat(int(soft.sum()) // len(self.soft_prompt), 1)
-        return self.model(embeds=embeds.masked_scatter(soft[..., None], vectors), mask=mask, **kwargs)
+            h = self.model.hidden_states(tokens, mask=mask, **kwargs)
+        else:
+            embeds = self.model.embed_tokens(tokens)
+            vectors = self.soft_prompt.to(embeds.dtype).repeat(int(soft.sum()) // len(self.soft_prompt), 1)
+            h = self.model.hidden_states(embeds=embeds.masked_scatter(soft[..., None], vectors), mask=mask, **kwargs)
+        head = self.model.embed_tokens if self.model.lm_head is None else self.model.lm_head  # tied or not
+        if targets is None:
+            return F.linear(h, head.weight)
+        return self.head_loss(h, head.weight, targets)
+
+
+def head_loss(h, weight, targets):
+    """Summed cross-entropy of the next-token targets (-100 = no loss), computed in fp32."""
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
 def init_soft_prompt(lm: LanguageModel, tokenizer: Tokenizer, text: str):
@@ -243,18 +265,23 @@ def init_soft_prompt(lm: LanguageModel, tokenizer: Tokenizer, text: str):
 
 
 def build_model(cfg: Config, model_cfg: ModelConfig, env: Dist, soft_prompt_len: int) -> LanguageModel:
-    """Build -> (LoRA) -> shard -> load. With FSDP the checkpoint is streamed into each rank's shards only."""
+    """Build -> (LoRA) -> shard -> load. With FSDP the model is built on the meta device and sharded before any memory
+    is used; each rank then streams only its own rows of every checkpoint tensor (or initialises its shards)."""
     lora = cfg.lora_rank > 0
     fsdp = env.world > 1
-    if cfg.checkpoint and fsdp and not lora:
+    if fsdp and not lora and (cfg.checkpoint or env.device.type == "cuda"):
         with torch.device("meta"):
-            lm = LanguageModel(Transformer(model_cfg), soft_prompt_len)
+            lm = LanguageModel(Transformer(model_cfg), soft_prompt_len, cfg.compile)
         shard(lm, cfg, env)
         lm.to_empty(device=env.device)
-        load_weights(lm.model, cfg.checkpoint)  # DTensor-aware: reads only this rank's rows of each tensor
+        if cfg.checkpoint:
+            load_weights(lm.model, cfg.checkpoint)  # DTensor-aware: reads only this rank's rows of each tensor
+        else:  # random shards (e.g. benchmarks): values differ from a single-process init of the same seed
+            torch.manual_seed(cfg.seed)
+            lm.model.init_weights()
     else:
-        # Random init is built in full and identically on every rank (same seed), so N processes start from the
-        # same weights as one; LoRA is applied to loaded base weights before sharding.
+        # Built in full and identically on every rank (same seed), so N CPU processes start from the weights of
+        # one; LoRA is applied to the loaded base weights before sharding.
         build_device = "cpu" if fsdp else env.device
         transformer = create_model(model_cfg, device=build_device, seed=cfg.seed)
         if cfg.checkpoint:
@@ -263,7 +290,7 @@ def build_model(cfg: Config, model_cfg: ModelConfig, env: Dist, soft_prompt_len:
             for p in transformer.parameters():
                 p.requires_grad_(False)
             apply_lora(transformer, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-        lm = LanguageModel(transformer, soft_prompt_len).to(build_device)
+        lm = LanguageModel(transformer, soft_prompt_len, cfg.compile).to(build_device)
         if fsdp:
             shard(lm, cfg, env)
     if soft_prompt_len:
@@ -275,7 +302,7 @@ def build_model(cfg: Config, model_cfg: ModelConfig, env: Dist, soft_prompt_len:
             # (instead of wrapping the module) so that parameter names, and so checkpoints, stay unchanged.
             block.forward = _checkpointed(block.forward)
         if cfg.compile:
-            block.compile()
+            block.compile()  # fuses norms, rotary, SwiGLU and residual adds around the matmuls and attention
     return lm
 
 
@@ -388,9 +415,7 @@ def prepare_data(cfg: Config, method: str, texts: list[str], tokenizer: Tokenize
 
 def loss_sum(lm: LanguageModel, batch: dict) -> torch.Tensor:
     mask = AttentionMask(doc_ids=batch["doc_ids"]) if batch["doc_ids"] is not None else None
-    logits = lm(batch["tokens"], soft=batch["soft"], mask=mask)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100,
-                           reduction="sum")
+    return lm(batch["tokens"], soft=batch["soft"], mask=mask, targets=batch["targets"])
 
 
 def train_step(lm, optimizer, rows: Rows, index: np.ndarray, n_targets: int, cfg: Config, env: Dist,
@@ -560,7 +585,7 @@ def train(lm: LanguageModel, train_data: TrainData, cfg: Config, env: Dist, out:
     if env.main:
         data.atomic_write(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in records)
                                                                    .encode()))
-    flops_per_token = lm.cfg.flops_per_token(cfg.seq_len)
+    flops = flops_per_token(lm.cfg, cfg.seq_len)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(total=total, initial=start, desc=label or "train", disable=not (env.main and cfg.progress),
                dynamic_ncols=True)
@@ -588,7 +613,7 @@ def train(lm: LanguageModel, train_data: TrainData, cfg: Config, env: Dist, out:
         elapsed = time.perf_counter() - tic
         tic = time.perf_counter()
         tokens_per_s = tokens_per_step / elapsed
-        mfu = tokens_per_s * flops_per_token / (cfg.peak_tflops * 1e12 * env.world)
+        mfu = tokens_per_s * flops / (cfg.peak_tflops * 1e12 * env.world)
         record = {"step": step + 1, "stage": stage, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "mfu": mfu}
         done = step + 1 == total

@@ -58,14 +58,15 @@ def test_prompt_tokens_get_no_gradient(setup):
     rows = data.domain_rows(docs, prompts, 160, tok.bos_id, tok.eos_id, tok.pad_id, seed=0, pack=True)
     batch = data.to_batch(rows, np.arange(len(rows)), "cpu")
     lm = cft.LanguageModel(load_pretrained(setup / "ckpt"))
-    logits = []
+    hidden = []
 
-    def keep_logits(module, inputs, output):
-        output.retain_grad()
-        logits.append(output)
-    lm.model.lm_head.register_forward_hook(keep_logits)
+    def keep_hidden(h, weight, targets):  # the final hidden state of position t feeds only the prediction of t + 1
+        h.retain_grad()
+        hidden.append(h)
+        return cft.head_loss(h, weight, targets)
+    lm.head_loss = keep_hidden
     cft.loss_sum(lm, batch).backward()
-    grad_norm = logits[0].grad.norm(dim=-1)  # (B, T): gradient reaching each position's prediction
+    grad_norm = hidden[0].grad.norm(dim=-1)  # (B, T): gradient reaching each position's prediction
     next_tokens = torch.from_numpy(rows.tokens[:, 1:]).long()
     # Positions whose next token is a BOS or a prompt token (not a trained token, not padding).
     is_prompt_or_bos = torch.from_numpy(~rows.loss[:, 1:]) & (next_tokens != tok.pad_id)
