@@ -4,6 +4,7 @@
     python bench.py ct [--tiny]            context tuning: step time and memory vs k for CT-KV, CT-Prompt, TTT
     python bench.py eval [--tiny]          evaluate.py scoring vs naive transformers scoring (MMLU-medical, MedQA)
     python bench.py synthetic [--tiny]     synthetic.py's training steps vs the official schedule's (step time)
+    python bench.py train [--tiny]         cft.py's training loop vs transformers LlamaForCausalLM (tokens/s, MFU)
 
 Each subcommand prints a markdown table for BENCHMARKS.md. Timings: CUDA events, warm-up first, median of repeats.
 """
@@ -424,11 +425,145 @@ def bench_synthetic(argv):
     print(table(rows, ["step", "batch", "ms/step", "prompts/s", "steps in schedule", "minutes for those steps"]))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# train
+
+
+def bench_train(argv):
+    """cft.py's training step against transformers' LlamaForCausalLM in the same run and settings (random weights,
+    fp32 master weights with bf16 compute, fused AdamW, SDPA, no activation checkpointing): tokens/s and MFU with
+    cft.flops_per_token. One process: bf16 autocast. Under torchrun: FSDP2 (each block, then the root) with
+    MixedPrecisionPolicy(bf16 params, fp32 reduce) for both."""
+    from contextlib import nullcontext
+
+    import numpy as np
+
+    import cft
+    from data import Rows
+    from model import ModelConfig
+    parser = argparse.ArgumentParser(prog="bench.py train", description=bench_train.__doc__)
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: a tiny model, fp32")
+    parser.add_argument("--model", default="llama2-7b")
+    parser.add_argument("--layers", type=int, default=8, help="blocks (0: the preset's)")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per process per step")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per case")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args(argv)
+    env = cft.setup_distributed("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    cuda = env.device.type == "cuda"
+    if args.tiny:
+        model_cfg = ModelConfig.from_name("tiny", n_layers=2)
+        args.seq_len, args.micro_batch_size, args.steps, args.warmup = 128, 2, 3, 1
+    else:
+        model_cfg = ModelConfig.from_name(args.model, **({"n_layers": args.layers} if args.layers else {}))
+    model_cfg.max_seq_len = max(model_cfg.max_seq_len, args.seq_len)
+    flops = cft.flops_per_token(model_cfg, args.seq_len)
+    tokens_per_step = args.micro_batch_size * env.world * args.seq_len
+    rng = np.random.default_rng(0)
+    n_rows = args.micro_batch_size * env.world * (args.steps + args.warmup)
+    rows = Rows(rng.integers(3, model_cfg.vocab_size, (n_rows, args.seq_len + 1)).astype(np.int32),
+                np.ones((n_rows, args.seq_len + 1), bool), None)
+
+    def measure(step) -> tuple[float, float]:
+        """(tokens/s, peak GiB) over args.steps steps after args.warmup."""
+        for s in range(args.warmup):
+            step(s)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for s in range(args.warmup, args.warmup + args.steps):
+            step(s)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        return tokens_per_step * args.steps / seconds, peak
+
+    def ours(compile_blocks: bool):
+        cfg = cft.Config(batch_size=args.micro_batch_size * env.world, micro_batch_size=args.micro_batch_size,
+                         seq_len=args.seq_len, lr=1e-5, compile=compile_blocks, precision="bf16" if cuda else "fp32")
+        lm = cft.build_model(cfg, model_cfg, env, 0)
+        optimizer, params = cft.make_optimizer(lm, "model", cfg, env)
+        n_targets = tokens_per_step
+
+        def step(s):
+            index = np.arange(s * tokens_per_step // args.seq_len, (s + 1) * tokens_per_step // args.seq_len)
+            index = index[env.rank * args.micro_batch_size:(env.rank + 1) * args.micro_batch_size]
+            cft.train_step(lm, optimizer, rows, index, n_targets, cfg, env, params)
+        result = measure(step)
+        del lm, optimizer, params
+        return result
+
+    def transformers_llama():
+        from transformers import LlamaConfig, LlamaForCausalLM
+        fields = {k: v for k, v in model_cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")}
+        hf = LlamaConfig(**fields, attn_implementation="sdpa")
+        torch.manual_seed(0)
+        with torch.device(env.device):
+            model = LlamaForCausalLM(hf).float()
+        autocast = nullcontext()
+        if env.world > 1:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else torch.float32, reduce_dtype=torch.float32)
+            for layer in model.model.layers:
+                fully_shard(layer, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+        elif cuda:
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+        decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed_tokens" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embed_tokens" not in n)]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=1e-5, betas=(0.9, 0.95), fused=cuda)
+
+        def step(s):
+            index = np.arange(s * tokens_per_step // args.seq_len, (s + 1) * tokens_per_step // args.seq_len)
+            index = index[env.rank * args.micro_batch_size:(env.rank + 1) * args.micro_batch_size]
+            tokens = torch.from_numpy(rows.tokens[index]).long().to(env.device)
+            with autocast:
+                loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1].clone(), use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        result = measure(step)
+        del model, optimizer
+        return result
+
+    cases = [("cft.py loop, eager", lambda: ours(False))]
+    if cuda:
+        cases.append(("cft.py loop, torch.compile per block + fused loss", lambda: ours(True)))
+    if not args.skip_transformers:
+        cases.append(("transformers LlamaForCausalLM", transformers_llama))
+    results = {}
+    for name, run in cases:
+        results[name] = run()
+        if cuda:
+            torch.cuda.empty_cache()
+    base = results.get("transformers LlamaForCausalLM")
+    peak_flops = 989e12 * env.world
+    table_rows = [(name, f"{tps:,.0f}", f"{tps * flops / peak_flops:.1%}", f"{peak:.1f}",
+                   f"{tps / base[0]:.2f}x" if base else "") for name, (tps, peak) in results.items()]
+    if env.main:
+        device = torch.cuda.get_device_name() if cuda else "cpu"
+        print(f"device: {env.world} x {device}; {model_cfg.n_layers} layers x {model_cfg.dim} "
+              f"({model_cfg.num_params() / 1e9:.2f}B params), seq {args.seq_len}, micro-batch {args.micro_batch_size} "
+              f"per process, {'FSDP2' if env.world > 1 else 'single process'}, "
+              f"{'bf16 compute, fp32 master weights' if cuda else 'fp32'}; MFU = {flops / 1e9:.2f} GFLOP/token / "
+              f"989 TFLOP/s per GPU; {args.steps} timed steps after {args.warmup}")
+        print(table(table_rows, ["implementation", "tokens/s", "MFU", "peak GiB", "vs transformers"]))
+    if env.world > 1:
+        torch.distributed.destroy_process_group()
+
+
 SUBCOMMANDS = {
     "attention": bench_attention,
     "ct": bench_ct,
     "eval": bench_eval,
     "synthetic": bench_synthetic,
+    "train": bench_train,
 }
 
 
