@@ -86,8 +86,8 @@ def parse_task(obj, where: str) -> Task:
         query = Query(_field(q, "input", at), _field(q, "output", at))
         if "options" in q:
             options = q["options"]
-            if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
-                raise ValueError(f"{at}: \"options\" must be a list of at least two strings")
+            if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
+                raise ValueError(f"{at}: \"options\" must be a list of at least two non-empty strings")
             if query.output not in options:
                 raise ValueError(f"{at}: options {options} do not contain the gold output {query.output!r}")
             query.options = options
@@ -448,7 +448,8 @@ def answer(model, head, tok, prefix_kv, query: Query, max_new_tokens: int) -> st
 def evaluate_task(model, head, tok, prefix_kv, task: Task, max_new_tokens: int, progress=True) -> float:
     correct = 0
     for q in tqdm(task.queries, desc="queries", disable=not progress, leave=False):
-        correct += answer(model, head, tok, prefix_kv, q, max_new_tokens) == q.output.strip()
+        gold = q.output if q.options else q.output.strip()  # an option comes back verbatim; generations stripped
+        correct += answer(model, head, tok, prefix_kv, q, max_new_tokens) == gold
     return correct / len(task.queries)
 
 
