@@ -226,7 +226,8 @@ def build_prompt(method: str, batch: TaskBatch, gen: torch.Generator, *, fresh_c
     return Prompt(torch.cat([context_xs, batch.xs], dim=1), torch.cat([context_ys, g], dim=1), k)
 
 
-def sample_prompt(cfg: Config, task: str, method: str, batch_size: int, gen: torch.Generator) -> tuple[Prompt, TaskBatch]:
+def sample_prompt(cfg: Config, task: str, method: str, batch_size: int, gen: torch.Generator):
+    """(Prompt, TaskBatch): fresh tasks of the run's size, in the run's prompt construction."""
     batch = sample_tasks(task, batch_size, cfg.n_points, cfg.n_dims, gen, w_shift=cfg.w_shift)
     return build_prompt(method, batch, gen, fresh_context=cfg.fresh_context, matched_noise=cfg.matched_noise), batch
 
@@ -259,7 +260,10 @@ class RegressionTransformer(nn.Module):
         """xs (B, k, d), ys (B, k) -> predictions (B, k); prediction i sees x_1, y_1, ..., x_i but not y_i.
         backbone_kwargs (prefix_kv, mask, positions) go to Transformer.hidden_states unchanged."""
         h = self.backbone.hidden_states(embeds=self.read_in(interleave(xs, ys)), **backbone_kwargs)
-        return self.read_out(h[:, 0::2]).squeeze(-1)
+        # Read out in fp32 even under bf16 autocast: labels reach the hundreds (polynomial), where bf16's 8-bit
+        # mantissa alone would cost a squared error of ~0.1, the size of the numbers being measured.
+        with torch.autocast(h.device.type, enabled=False):
+            return self.read_out(h[:, 0::2].float()).squeeze(-1)
 
 
 def build_model(cfg: Config, seed: int) -> RegressionTransformer:
@@ -411,7 +415,9 @@ def train(model, run_dir: Path, meta: dict, batch_loss, lr_of_step, *, total_ste
     if found is not None and (found / "optimizer.safetensors").is_file():
         load_optimizer(optimizer, found / "optimizer.safetensors")
     forward = compiled or model
-    step, last_save, finished = meta["step"], time.monotonic(), meta.get("finished_early", False)
+    step, finished = meta["step"], meta.get("finished_early", False)
+    start = last_save = time.monotonic()
+    seconds_before = meta.get("seconds", 0.0)  # training time of earlier calls (compile included): the speed target
     stop = total_steps if stop_at is None else min(stop_at, total_steps)
     bar = tqdm(total=total_steps, initial=step, desc=desc, leave=False, dynamic_ncols=True)
     model.train()
@@ -436,12 +442,12 @@ def train(model, run_dir: Path, meta: dict, batch_loss, lr_of_step, *, total_ste
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"})
             finished = meta["finished_early"] = finished_early is not None and finished_early(record)
         if time.monotonic() - last_save > save_every_s:
-            meta["step"] = step
+            meta["step"], meta["seconds"] = step, seconds_before + time.monotonic() - start
             save_checkpoint(run_dir, model, meta, optimizer)
             last_save = time.monotonic()
     bar.close()
     model.eval()
-    meta["step"] = step
+    meta["step"], meta["seconds"] = step, seconds_before + time.monotonic() - start
     save_checkpoint(run_dir, model, meta, optimizer)
     return finished or step >= total_steps
 
@@ -481,7 +487,8 @@ def pretrain(cfg: Config, out: Path, device, deadline: float = math.inf, *, seed
         return {"nmse_at_2d": nmse_curve(model, cfg, device, n_prompts=cfg.eval_prompts)[2 * cfg.n_dims]}
 
     def good_enough(record):  # only once the curriculum has reached the full problem
-        return curriculum(cfg, record["step"] - 1) == (cfg.n_dims, cfg.n_points) and record["nmse_at_2d"] <= cfg.stop_nmse
+        full = curriculum(cfg, record["step"] - 1) == (cfg.n_dims, cfg.n_points)
+        return full and record["nmse_at_2d"] <= cfg.stop_nmse
 
     lr = lambda step: lr_at(step, cfg.pretrain_lr, cfg.warmup_steps, cfg.pretrain_steps, 0.1)
     done = train(model, run_dir, meta, batch_loss, lr, total_steps=cfg.pretrain_steps, device=device,
@@ -562,7 +569,8 @@ def collect(out: Path) -> dict:
     results = {}
     for task in TASKS:
         for method in METHODS:
-            evals = [json.loads(p.read_text()) for p in sorted((out / "finetune").glob(f"{task}-{method}-s*/eval.json"))]
+            paths = sorted((out / "finetune").glob(f"{task}-{method}-s*/eval.json"))
+            evals = [json.loads(p.read_text()) for p in paths]
             if not evals:
                 continue
             entry = {"seeds": len(evals)}
@@ -638,7 +646,8 @@ def plot(out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 4))
         for ax, task in zip(axes, TASKS):
             for color, method in zip(("C0", "C1", "C2"), METHODS):
-                for i, (meta, result) in enumerate(r for r in runs if r[0]["task"] == task and r[0]["method"] == method):
+                chosen = [(m, r) for m, r in runs if m["task"] == task and m["method"] == method]
+                for i, (meta, result) in enumerate(chosen):
                     ax.plot(*series(meta, result), color=color, alpha=0.7, label=method if i == 0 else None)
             ax.set_title(task)
             ax.set_xlabel("fine-tuning step" if name == "inner_product" else "in-context examples + 1")
@@ -657,19 +666,19 @@ def plot(out: Path) -> list[Path]:
 # The whole grid, resumable within a time budget
 
 
-def run_all(cfg: Config, out: Path, device, deadline: float = math.inf, *, compile: bool = False,
-            jobs: int = 1) -> bool:
+def run_all(cfg: Config, out: Path, device, deadline: float = math.inf, *, compile_pretrain: bool = False,
+            compile_finetune: bool = False, jobs: int = 1) -> bool:
     """Pretrain, fine-tune every (task, method, seed), evaluate, plot. Returns True when everything is finished;
     False when the deadline came first (re-run the same command to continue)."""
-    if not pretrain(cfg, out, device, deadline, compile=compile):
+    if not pretrain(cfg, out, device, deadline, compile=compile_pretrain):
         return False
     seeds = list(range(cfg.seeds))
     pairs = [(task, method) for task in TASKS for method in METHODS]
     if jobs <= 1:
         for task, method in pairs:
-            if not finetune(cfg, out, task, method, seeds, device, deadline, compile=compile):
+            if not finetune(cfg, out, task, method, seeds, device, deadline, compile=compile_finetune):
                 return False
-    elif not finetune_in_parallel(out, pairs, seeds, device, deadline, compile, jobs):
+    elif not finetune_in_parallel(out, pairs, seeds, device, deadline, compile_finetune, jobs):
         return False
     results = evaluate(out, device)
     plot(out)
@@ -682,7 +691,7 @@ def finetune_in_parallel(out: Path, pairs, seeds, device, deadline: float, compi
     (out / "logs").mkdir(exist_ok=True)
     waiting, running, ok = list(pairs), [], True
     while waiting or running:
-        while waiting and len(running) < jobs and deadline - time.monotonic() > 30:
+        while waiting and len(running) < jobs and deadline - time.monotonic() > 60:
             task, method = waiting.pop(0)
             budget = int(deadline - time.monotonic())
             command = [sys.executable, str(Path(__file__).resolve()), "finetune", "--out", str(out), "--task", task,
@@ -698,7 +707,8 @@ def finetune_in_parallel(out: Path, pairs, seeds, device, deadline: float, compi
             log.close()
             running.remove(item)
             if process.returncode != 0:
-                print(f"finetune {task} {method} failed (exit {process.returncode}); see {out}/logs/{task}-{method}.log")
+                print(f"finetune {task} {method} failed (exit {process.returncode}): "
+                      f"see {out}/logs/{task}-{method}.log")
                 ok = False
     return ok and all((out / "finetune" / run_name(t, m, s) / "eval.json").is_file() for t, m in pairs for s in seeds)
 
@@ -749,7 +759,8 @@ def main(argv=None):
     training.add_argument("--time-budget", type=float, default=math.inf,
                           help="seconds; checkpoint and exit 0 before they run out (re-run to continue)")
     training.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                          help="torch.compile the training forward (default: on for CUDA)")
+                          help="torch.compile the training forward (default: pretraining on CUDA yes; fine-tuning no, "
+                               "its --jobs processes run side by side and would each compile)")
     for flag in CONFIG_FLAGS:
         kind = type(getattr(Config, flag))
         name = "--" + flag.replace("_", "-")
@@ -772,6 +783,10 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU-sized models are all per-op overhead: a second intra-op thread only adds synchronisation (measured on
+        # 2 busy cores: the test grid took 21 s with 1 thread, 272 s with 2).
+        torch.set_num_threads(1)
     try:
         if args.command in ("evaluate", "plot"):
             if args.command == "evaluate":
@@ -781,20 +796,22 @@ def main(argv=None):
             return
         cfg = resolve_config(args)
         deadline = time.monotonic() + args.time_budget
-        compile = device.type == "cuda" if args.compile is None else args.compile
+        compile_pretrain = device.type == "cuda" if args.compile is None else args.compile
+        compile_finetune = bool(args.compile)
         if args.command == "pretrain":
-            done = pretrain(cfg, args.out, device, deadline, compile=compile)
+            done = pretrain(cfg, args.out, device, deadline, compile=compile_pretrain)
         elif args.command == "finetune":
             done = finetune(cfg, args.out, args.task, args.method, args.seed or range(cfg.seeds), device, deadline,
-                            compile=compile)
+                            compile=compile_finetune)
         else:
             jobs = args.jobs or (9 if device.type == "cuda" else 1)
-            done = run_all(cfg, args.out, device, deadline, compile=compile, jobs=jobs)
+            done = run_all(cfg, args.out, device, deadline, compile_pretrain=compile_pretrain,
+                           compile_finetune=compile_finetune, jobs=jobs)
             if done:
                 print(results_table(collect(args.out), read_meta(args.out / "pretrain")))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    print(f"{args.command}: {'complete' if done else 'stopped at the time budget; re-run the same command to continue'}")
+    print(f"{args.command}: " + ("complete" if done else "stopped at the time budget; re-run the same command"))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,15 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is faster than two (synthetic.main does the same on CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tasks
 
