@@ -18,7 +18,7 @@ from model import create_model, load_pretrained, save_pretrained
 
 # Small enough for seconds on 2 cores; micro-batches of 2 so that one process accumulates two of them.
 TRAIN = ["--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "4", "--lr", "1e-3",
-         "--device", "cpu", "--no-progress"]
+         "--device", "cpu", "--no-progress", "--heldout-fraction", "0.2", "--eval-every", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,9 @@ def test_torchrun_two_processes_equal_one(setup, reference):
     one, two = losses(reference), losses(out)
     assert len(one) == len(two) == 4
     np.testing.assert_allclose(two, one, rtol=1e-5)
+    heldout = lambda run: [r["heldout_loss"] for r in cft.read_metrics(run) if "heldout_loss" in r]
+    assert len(heldout(reference)) == 2  # every 2 steps
+    np.testing.assert_allclose(heldout(out), heldout(reference), rtol=1e-5)
     # The final HF folders agree too: FSDP gathered the shards correctly.
     a, b = load_file(reference / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     for key in a:
@@ -132,6 +135,26 @@ def test_auto_cft_generates_one_cached_prompt_per_document(setup):
     cached = list((setup / "cache").glob("auto-prompts-*.json"))
     assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == 40
     assert (setup / "auto" / "final" / "model.safetensors").is_file()  # LoRA merged into the HF folder
+
+
+def test_instruction_data_mixed_or_as_a_second_stage(setup, tmp_path):
+    instruct = tmp_path / "instruct.jsonl"
+    instruct.write_text("".join(json.dumps({"prompt": f"Question {i}: what was reduced?", "response": " The dose."})
+                                + "\n" for i in range(10)))
+    tok = data.Tokenizer(setup / "ckpt" / "tokenizer.model")
+    texts, _ = data.read_corpus(setup / "corpus.jsonl")
+    base = cft.parse_args(args(setup, tmp_path / "o", "--instruct-data", str(instruct), "--no-pack"))
+    base.cache_dir = str(setup / "cache")
+    stage = cft.prepare_data(base, "cft", texts, tok, None, cft.Dist(), 0)
+    domain_rows = stage.segments[0]
+    assert stage.segments == [domain_rows, 10]  # second stage: the instruction rows come after all domain rows
+    base.instruct_ratio = 0.5
+    mixed = cft.prepare_data(base, "cft", texts, tok, None, cft.Dist(), 0)
+    assert mixed.segments == [2 * domain_rows] and len(mixed.rows) == 2 * domain_rows
+    response = tok.encode(" The dose.") + [tok.eos_id]
+    trained = [row[1:][loss[1:]].tolist() for row, loss in zip(mixed.rows.tokens[domain_rows:],
+                                                                   mixed.rows.loss[domain_rows:])]
+    assert all(t == response for t in trained)  # loss on the response only
 
 
 @pytest.mark.parametrize("case", ["empty", "field", "out-exists", "vocab", "nan"])
