@@ -229,8 +229,11 @@ def attention(q, k, v, mask: AttentionMask, prefix=None):
     gqa = H != k.shape[1]
     if mask.is_plain_causal():  # the common training case: SDPA picks its fastest causal kernel (flash/cuDNN)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if q.device.type != "cuda" or T <= 16:
-        # Exact path (CPU: FlexAttention has no CPU backward) and the decode steps of generation (few queries).
+    shared_prefix = prefix is not None and prefix[0].shape[0] == 1 and B > 1
+    if q.device.type != "cuda" or (B * T if shared_prefix else T) < 128:
+        # Exact path: on CPU (FlexAttention has no CPU backward), and for fewer than 128 queries (decode steps, short
+        # pairs), where FlexAttention switches to a decoding kernel that fails to compile for some shapes (torch 2.11)
+        # and the dense mask is small anyway (under 128 x keys per row).
         if prefix is not None:
             k = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2)
