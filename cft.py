@@ -815,6 +815,18 @@ def prepare_out(cfg: Config, methods: list[str], env: Dist) -> list[Path]:
     return outs
 
 
+# Settings that may change between a run and its --resume: they do not change the trajectory.
+RESUMABLE_CHANGES = {"resume", "stop_after", "save_every", "eval_every", "progress", "workers", "cache_dir", "out",
+                     "device"}
+
+
+def check_same_run(cfg: Config, out: Path):
+    saved = json.loads((out / "config.json").read_text())
+    for key, value in asdict(cfg).items():
+        if key not in RESUMABLE_CHANGES and saved.get(key) != value:
+            fail(f"--resume: --{key.replace('_', '-')} is {value!r} but the run in {out} used {saved.get(key)!r}")
+
+
 def run_method(method: str, cfg: Config, env: Dist, texts, questions, tokenizer, model_cfg, out: Path) -> dict:
     if cfg.resume and (out / "final").exists():
         fail(f"{out / 'final'} exists: this run already finished")
@@ -830,7 +842,9 @@ def run_method(method: str, cfg: Config, env: Dist, texts, questions, tokenizer,
         n_tokens = int(train_data.rows.loss.sum())
         print(f"{method}: {len(train_data.rows)} rows of {cfg.seq_len} tokens, {n_tokens:,} trained tokens, "
               f"{lm.cfg.num_params() / 1e6:.1f}M parameters, {env.world} process(es) on {env.device.type}")
-    if env.main:  # created only now, so that a run refused over bad input leaves no folder behind
+    if cfg.resume:
+        check_same_run(cfg, out)
+    elif env.main:  # created only now, so that a run refused over bad input leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     env.barrier()
@@ -848,6 +862,11 @@ def run_method(method: str, cfg: Config, env: Dist, texts, questions, tokenizer,
 def main(argv=None):
     cfg = parse_args(argv)
     env = setup_distributed(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.data is None and env.device.type == "cpu":
+        # The demo model is so small that a second thread barely helps, and on a busy machine threads that wait for
+        # each other cost several times the work itself.
+        torch.set_num_threads(1)
     try:
         torch.manual_seed(cfg.seed)
         texts, questions, tokenizer, model_cfg, methods = resolve(cfg, env)
@@ -856,6 +875,7 @@ def main(argv=None):
         if env.main:
             report(results, questions, outs)
     finally:
+        torch.set_num_threads(threads)
         if env.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

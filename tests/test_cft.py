@@ -99,10 +99,18 @@ def test_stop_and_resume_reproduce_the_uninterrupted_run_exactly(setup, referenc
     cft.main(args(setup, out, "--save-every", "1", "--stop-after", "3"))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]  # older ones rotated out after step 3
     assert losses(out) == losses(reference)[:3]
+    with pytest.raises(SystemExit, match="--lr is 0.01 but the run in"):
+        cft.main(args(setup, out, "--resume", "--lr", "1e-2"))
     cft.main(args(setup, out, "--resume"))
     assert losses(out) == losses(reference)  # bit-identical, step 4 included
     final = out / "final"
     assert (final / "tokenizer.model").is_file() and load_pretrained(final).cfg == tiny_cfg(512)
+
+
+def test_activation_checkpointing_changes_no_loss(setup, reference):
+    out = setup / "checkpointed"
+    cft.main(args(setup, out, "--activation-checkpointing"))
+    np.testing.assert_allclose(losses(out), losses(reference), rtol=1e-6)
 
 
 def test_builtin_demo_runs_cft_beside_cpt(tmp_path, capsys):
