@@ -434,6 +434,7 @@ def bench_train(argv):
     fp32 master weights with bf16 compute, fused AdamW, SDPA, no activation checkpointing): tokens/s and MFU with
     cft.flops_per_token. One process: bf16 autocast. Under torchrun: FSDP2 (each block, then the root) with
     MixedPrecisionPolicy(bf16 params, fp32 reduce) for both."""
+    import gc
     from contextlib import nullcontext
 
     import numpy as np
@@ -540,6 +541,7 @@ def bench_train(argv):
     results = {}
     for name, run in cases:
         results[name] = run()
+        gc.collect()  # free the previous model before the next one is built
         if cuda:
             torch.cuda.empty_cache()
     base = results.get("transformers LlamaForCausalLM")
