@@ -423,7 +423,7 @@ def train_step(lm, optimizer, rows: Rows, index: np.ndarray, n_targets: int, cfg
     """One optimiser step on this rank's rows `index` of a global batch with n_targets target tokens in total.
     Returns (global mean loss, gradient norm before clipping)."""
     micro = [index[i:i + cfg.micro_batch_size] for i in range(0, len(index), cfg.micro_batch_size)]
-    local_sum = 0.0
+    local_sum = torch.zeros((), device=env.device)
     for i, part in enumerate(micro):
         if env.world > 1:  # FSDP2: reduce-scatter gradients only after the last micro-batch
             lm.set_requires_gradient_sync(i == len(micro) - 1)
@@ -431,13 +431,13 @@ def train_step(lm, optimizer, rows: Rows, index: np.ndarray, n_targets: int, cfg
             loss = loss_sum(lm, data.to_batch(rows, part, env.device))
         # FSDP averages gradients over ranks; scaling by world size turns that average into the global sum.
         (loss * (env.world / n_targets)).backward()
-        local_sum += loss.item()
+        local_sum += loss.detach()  # no .item() here: a host sync per micro-batch would stall the GPU queue
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return env.sum([local_sum])[0] / n_targets, float(grad_norm)
+    return env.sum([local_sum.item()])[0] / n_targets, float(grad_norm)
 
 
 @torch.no_grad()
@@ -478,10 +478,8 @@ def make_optimizer(lm: LanguageModel, stage: str, cfg: Config, env: Dist):
     for name, p in lm.named_parameters():
         if stage == "prompt":
             p.requires_grad_(name == "soft_prompt")
-        elif name == "soft_prompt":
-            p.requires_grad_(False)
-        elif cfg.lora_rank == 0:
-            p.requires_grad_(True)
+        else:  # with LoRA only the adapters train; the base weights stay frozen
+            p.requires_grad_(name != "soft_prompt" and (cfg.lora_rank == 0 or "lora_" in name))
     decay, no_decay = [], []
     for name, p in lm.named_parameters():
         if p.requires_grad:
@@ -640,12 +638,16 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def has_lora(lm: LanguageModel) -> bool:
+    return any("lora_" in name for name, _ in lm.model.named_parameters())
+
+
 def save_final(lm: LanguageModel, tokenizer: Tokenizer, out: Path, env: Dist):
     """DIR/final: a Hugging Face folder (+ tokenizer.model, + soft_prompt.safetensors for ProMoT)."""
     from model import save_pretrained
     from safetensors.torch import save_file
-    if any(p.requires_grad for n, p in lm.model.named_parameters() if "lora_" in n):
-        merge_lora(lm.model)
+    if has_lora(lm):
+        merge_lora(lm.model)  # the HF layout has no adapters: fold them into the weights
     save_pretrained(lm.model, out / "final")
     if lm.soft_prompt is not None:
         soft = lm.soft_prompt
