@@ -101,7 +101,8 @@ def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Without --data: the built-in fictional pharmacology with demo sizes "
                                        f"{DEMO} and model {DEMO_MODEL}, CFT and CPT side by side.")
-    p.add_argument("--method", choices=["cft", "cpt", "neg-cft", "auto-cft"])
+    p.add_argument("--method", choices=["cft", "cpt", "neg-cft", "auto-cft"],
+                   help="contextual prompts / none / negative prompts / model-written prompts (demo: cft and cpt)")
     p.add_argument("--model", help="model.py preset for a randomly initialised model (e.g. tiny, llama2-7b)")
     p.add_argument("--checkpoint", help="Hugging Face Llama folder to start from")
     p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: the checkpoint's)")
@@ -114,13 +115,13 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--instruct-ratio", type=float, default=0.0,
                    help="fraction of rows that are instruction examples; 0 = run them as a second stage")
     p.add_argument("--general-data", help="general text mixed in without prompts (protects in-context learning)")
-    p.add_argument("--general-ratio", type=float, default=0.1)
+    p.add_argument("--general-ratio", type=float, default=0.1, help="fraction of rows from --general-data")
     p.add_argument("--heldout-fraction", type=float, help="documents held out for the held-out loss (0.01)")
     p.add_argument("--out", help="output folder (refused if it exists, unless --resume)")
-    p.add_argument("--seq-len", type=int)
+    p.add_argument("--seq-len", type=int, help="tokens per row, prompt included (4096)")
     p.add_argument("--batch-size", type=int, help="global batch in sequences (128)")
     p.add_argument("--micro-batch-size", type=int, help="sequences per forward/backward per process (1)")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="peak learning rate (2e-5)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up as a fraction of all steps")
     p.add_argument("--epochs", type=int, default=1)
@@ -132,7 +133,8 @@ def parse_args(argv=None) -> Config:
                    help="ProMoT: first train a soft prompt this many steps with the model frozen")
     p.add_argument("--promot-prompt-len", type=int, default=20)
     p.add_argument("--promot-lr", type=float, default=1e-3)
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="training-state checkpoint every N steps (0: none; the final model is always saved)")
     p.add_argument("--stop-after", type=int, help="stop with a checkpoint after this step (schedule unchanged)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--eval-every", type=int, help="held-out loss every N steps (0: only at the end)")
