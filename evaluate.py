@@ -413,12 +413,14 @@ def prefix_cache(model, tokens: list[int], soft_prompt=None):
 @torch.no_grad()
 def score_fast(model, questions: list[Encoded], batch_tokens: int = 8192, soft_prompt=None, rank: int = 0,
                world: int = 1, desc: str = "scoring", progress: bool = True,
-               per_row_prefix: bool = False) -> list[list[float]]:
+               per_row_prefix: bool = True) -> list[list[float]]:
     """Log-likelihood of every option of every question: the same numbers as score_naive. With world > 1 this rank
     scores every world-th row (longest first) and leaves the others at 0: combine with sum_over_ranks.
     per_row_prefix: hand the prefix to the model expanded to the batch (a view) instead of as batch 1. On CUDA, batch 1
     takes FlexAttention's folded path (prefix stored once); per row takes the plain block mask, and attention copies
-    the prefix per row. bench.py eval times both."""
+    the prefix per row. bench.py eval times both: on one H100 (llama2-7b shapes) per row was as fast once compiled and
+    compiled 2.5x sooner (MMLU + MedQA first pass 42 s against 118 s; BENCHMARKS.md), so it is the default here,
+    where no gradient needs the memory saving."""
     device = model.embed_tokens.weight.device
     scores = [[0.0] * len(q.continuations) for q in questions]
     groups = {}
