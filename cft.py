@@ -259,11 +259,17 @@ def head_loss(h, weight, targets):
 
 
 def init_soft_prompt(lm: LanguageModel, tokenizer: Tokenizer, text: str):
-    """ProMoT/prompt-tuning init: the embeddings of a real text's tokens (cycled), which trains more stably than noise."""
-    ids = torch.tensor(tokenizer.encode(text), device=lm.model.embed_tokens.weight.device)
+    """ProMoT/prompt-tuning init: the embeddings of a real text's tokens (cycled), which trains more stably than noise.
+    Under FSDP both tables are sharded DTensors: gather the embedding rows, then shard the values like the prompt."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    ids = torch.tensor(tokenizer.encode(text))
     ids = ids[torch.arange(len(lm.soft_prompt)) % len(ids)]
+    table = lm.model.embed_tokens.weight
     with torch.no_grad():
-        lm.soft_prompt.copy_(lm.model.embed_tokens.weight[ids].float())
+        values = (table.full_tensor() if isinstance(table, DTensor) else table)[ids.to(table.device)].float()
+        if isinstance(lm.soft_prompt, DTensor):
+            values = distribute_tensor(values, lm.soft_prompt.device_mesh, lm.soft_prompt.placements)
+        lm.soft_prompt.copy_(values)
 
 
 def build_model(cfg: Config, model_cfg: ModelConfig, env: Dist, soft_prompt_len: int) -> LanguageModel:
@@ -329,6 +335,14 @@ def autocast(cfg: Config, env: Dist):
     if cfg.precision == "bf16" and env.world == 1:
         return torch.autocast(env.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def reshard(lm: LanguageModel):
+    """After a forward without backward (evaluation, generation) FSDP2 leaves the root's parameters gathered, and
+    registered as plain tensors: shard them again, to free the memory and so that an optimiser built next holds the
+    sharded parameters that training updates."""
+    if hasattr(lm, "reshard"):
+        lm.reshard()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -461,6 +475,7 @@ def heldout_loss(lm, rows: Rows, cfg: Config, env: Dist) -> float:
             total += weight * loss_sum(lm, batch).item()
         count += weight * int((batch["targets"] != -100).sum())
     lm.train()
+    reshard(lm)
     total, count = env.sum([total, count])
     return total / max(count, 1)
 
@@ -477,6 +492,7 @@ def lr_at(step: int, total: int, cfg: Config, base_lr: float) -> float:
 def make_optimizer(lm: LanguageModel, stage: str, cfg: Config, env: Dist):
     """AdamW; no weight decay on norms, embeddings (and the soft prompt), as in the Llama/GPT recipes.
     stage 'prompt' (ProMoT stage 1) trains only the soft prompt; 'model' trains the model (or LoRA), prompt frozen."""
+    reshard(lm)
     for name, p in lm.named_parameters():
         if stage == "prompt":
             p.requires_grad_(name == "soft_prompt")
@@ -690,6 +706,7 @@ def mcq_accuracy(lm, tokenizer: Tokenizer, questions: list[dict], cfg: Config, e
         for i, (_, t, n_cont, n_chars) in enumerate(part):
             scores.append(token_logp[i, len(t) - 1 - n_cont:len(t) - 1].sum().item() / n_chars)
     lm.train()
+    reshard(lm)
     correct = 0
     for qi, q in enumerate(questions):
         mine = scores[qi * len(q["choices"]):(qi + 1) * len(q["choices"])]
@@ -716,7 +733,7 @@ def auto_prompts(lm: LanguageModel, tokenizer: Tokenizer, texts: list[str], cfg:
     inputs = [head + tokenizer.encode(t)[:excerpt_tokens] + tail for t in texts]
     mine = list(range(env.rank, len(texts), env.world))
     n_batches = math.ceil(math.ceil(len(texts) / env.world) / batch_size)
-    newline = set(tokenizer.encode("\n")) - {tokenizer.encode("")[0] if tokenizer.encode("") else -1}
+    newline = {i for i in tokenizer.encode("a\nb") if "\n" in tokenizer.decode([i])}  # a prompt ends at a line end
     results = {}
     from tqdm import tqdm
     lm.eval()
@@ -728,10 +745,14 @@ def auto_prompts(lm: LanguageModel, tokenizer: Tokenizer, texts: list[str], cfg:
             cut = next((k for k, t in enumerate(ids) if t == tokenizer.eos_id or t in newline), len(ids))
             results[i] = ids[:cut]
     lm.train()
-    if env.world > 1:
-        gathered = [None] * env.world
-        dist.all_gather_object(gathered, results)
-        results = {k: v for part in gathered for k, v in part.items()}
+    reshard(lm)
+    if env.world > 1:  # every rank gets every prompt: a (documents, tokens) table, -1 where a prompt has ended
+        table = torch.full((len(texts), cfg.auto_prompt_tokens), -1, dtype=torch.long)
+        for i, ids in results.items():
+            table[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        table = table.to(env.device)
+        dist.all_reduce(table, op=dist.ReduceOp.MAX)  # each row is filled on exactly one rank
+        results = {i: [t for t in row if t >= 0] for i, row in enumerate(table.tolist())}
     prompts = [results[i] for i in range(len(texts))]
     if cache is not None and env.main:
         data.atomic_write(cache, lambda f: f.write(json.dumps(prompts).encode()))
