@@ -414,7 +414,7 @@ def train(model, run_dir: Path, meta: dict, batch_loss, lr_of_step, *, total_ste
     found = checkpoint_dir(run_dir)
     if found is not None and (found / "optimizer.safetensors").is_file():
         load_optimizer(optimizer, found / "optimizer.safetensors")
-    forward = compiled or model
+    forward = model if compiled is None else compiled
     step, finished = meta["step"], meta.get("finished_early", False)
     start = last_save = time.monotonic()
     seconds_before = meta.get("seconds", 0.0)  # training time of earlier calls (compile included): the speed target
@@ -672,6 +672,8 @@ def run_all(cfg: Config, out: Path, device, deadline: float = math.inf, *, compi
     False when the deadline came first (re-run the same command to continue)."""
     if not pretrain(cfg, out, device, deadline, compile=compile_pretrain):
         return False
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # hand pretraining's cached activation memory to the fine-tuning processes
     seeds = list(range(cfg.seeds))
     pairs = [(task, method) for task in TASKS for method in METHODS]
     if jobs <= 1:
@@ -693,10 +695,10 @@ def finetune_in_parallel(out: Path, pairs, seeds, device, deadline: float, compi
     while waiting or running:
         while waiting and len(running) < jobs and deadline - time.monotonic() > 60:
             task, method = waiting.pop(0)
-            budget = int(deadline - time.monotonic())
+            budget = f"{deadline - time.monotonic():.0f}"  # "inf" without a budget
             command = [sys.executable, str(Path(__file__).resolve()), "finetune", "--out", str(out), "--task", task,
                        "--method", method, "--seed", *map(str, seeds), "--device", str(device),
-                       "--time-budget", str(budget), "--compile" if compile else "--no-compile"]
+                       "--time-budget", budget, "--compile" if compile else "--no-compile"]
             log = open(out / "logs" / f"{task}-{method}.log", "a")
             running.append(((task, method), subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
         if not running:
