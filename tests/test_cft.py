@@ -19,6 +19,8 @@ from model import create_model, load_pretrained, save_pretrained
 # Small enough for seconds on 2 cores; micro-batches of 2 so that one process accumulates two of them.
 TRAIN = ["--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "4", "--lr", "1e-3",
          "--device", "cpu", "--no-progress", "--heldout-fraction", "0.2", "--eval-every", "2"]
+# Generation before training (auto-CFT) is the case where FSDP2 must be told to shard the root again.
+AUTO = ["--method", "auto-cft", "--auto-prompt-tokens", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def losses(out) -> list[float]:
 def reference(setup):
     """One uninterrupted single-process run."""
     out = setup / "reference"
-    cft.main(args(setup, out))
+    cft.main(args(setup, out, *AUTO))
     return out
 
 
@@ -79,11 +81,13 @@ def test_torchrun_two_processes_equal_one(setup, reference):
     out = setup / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "cft.py"), *args(setup, out, "--micro-batch-size", "1")]
+           str(ROOT / "cft.py"), *args(setup, out, *AUTO, "--micro-batch-size", "1", "--cache-dir", str(setup / "cache2"))]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = losses(reference), losses(out)
     assert len(one) == len(two) == 4
+    prompts = [json.loads(p.read_text()) for c in ("cache", "cache2") for p in (setup / c).glob("auto-prompts-*.json")]
+    assert len(prompts) == 2 and prompts[0] == prompts[1]  # the two processes generated what one did
     np.testing.assert_allclose(two, one, rtol=1e-5)
     heldout = lambda run: [r["heldout_loss"] for r in cft.read_metrics(run) if "heldout_loss" in r]
     assert len(heldout(reference)) == 2  # every 2 steps
@@ -96,12 +100,12 @@ def test_torchrun_two_processes_equal_one(setup, reference):
 
 def test_stop_and_resume_reproduce_the_uninterrupted_run_exactly(setup, reference):
     out = setup / "resumed"
-    cft.main(args(setup, out, "--save-every", "1", "--stop-after", "3"))
+    cft.main(args(setup, out, *AUTO, "--save-every", "1", "--stop-after", "3"))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]  # older ones rotated out after step 3
     assert losses(out) == losses(reference)[:3]
     with pytest.raises(SystemExit, match="--lr is 0.01 but the run in"):
-        cft.main(args(setup, out, "--resume", "--lr", "1e-2"))
-    cft.main(args(setup, out, "--resume"))
+        cft.main(args(setup, out, *AUTO, "--resume", "--lr", "1e-2"))
+    cft.main(args(setup, out, *AUTO, "--resume"))
     assert losses(out) == losses(reference)  # bit-identical, step 4 included
     final = out / "final"
     assert (final / "tokenizer.model").is_file() and load_pretrained(final).cfg == tiny_cfg(512)
@@ -109,7 +113,7 @@ def test_stop_and_resume_reproduce_the_uninterrupted_run_exactly(setup, referenc
 
 def test_activation_checkpointing_changes_no_loss(setup, reference):
     out = setup / "checkpointed"
-    cft.main(args(setup, out, "--activation-checkpointing"))
+    cft.main(args(setup, out, *AUTO, "--activation-checkpointing"))
     np.testing.assert_allclose(losses(out), losses(reference), rtol=1e-6)
 
 
@@ -139,8 +143,8 @@ def test_promot_trains_the_soft_prompt_then_freezes_it(setup):
 
 def test_auto_cft_generates_one_cached_prompt_per_document(setup):
     cft.main(args(setup, setup / "auto", "--method", "auto-cft", "--max-steps", "1", "--auto-prompt-tokens", "6",
-                  "--lora-rank", "4"))
-    cached = list((setup / "cache").glob("auto-prompts-*.json"))
+                  "--lora-rank", "4", "--cache-dir", str(setup / "cache3")))
+    cached = list((setup / "cache3").glob("auto-prompts-*.json"))
     assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == 40
     assert (setup / "auto" / "final" / "model.safetensors").is_file()  # LoRA merged into the HF folder
 
