@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +92,7 @@ class Config:
 
 # The built-in demo: a model and schedule that learn the fictional facts in about a minute on 2 CPU cores.
 DEMO_MODEL = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=512)
-DEMO = dict(seq_len=256, batch_size=8, micro_batch_size=8, lr=5e-3, max_steps=150, heldout_fraction=0.0,
-            eval_every=0)
+DEMO = dict(seq_len=256, batch_size=8, micro_batch_size=8, lr=5e-3, max_steps=150, heldout_fraction=0.0)
 DEMO_VOCAB = 2048
 
 
@@ -137,7 +136,7 @@ def parse_args(argv=None) -> Config:
                    help="training-state checkpoint every N steps (0: none; the final model is always saved)")
     p.add_argument("--stop-after", type=int, help="stop with a checkpoint after this step (schedule unchanged)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--eval-every", type=int, help="held-out loss every N steps (0: only at the end)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: only at the end)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="bf16 compute, fp32 master weights (CUDA default)")
@@ -150,8 +149,7 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = vars(p.parse_args(argv))
     demo = args["data"] is None
-    for key, default in dict(seq_len=4096, batch_size=128, micro_batch_size=1, lr=2e-5, heldout_fraction=0.01,
-                             eval_every=0).items():
+    for key, default in dict(seq_len=4096, batch_size=128, micro_batch_size=1, lr=2e-5, heldout_fraction=0.01).items():
         if args[key] is None:
             args[key] = DEMO.get(key, default) if demo else default
     if demo and args["max_steps"] is None and args["epochs"] == 1:
