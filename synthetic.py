@@ -304,7 +304,11 @@ def checkpoint_dir(path) -> Path | None:
 
 
 def read_meta(path) -> dict | None:
+    """A checkpoint folder's meta.json, also when its weights were not copied along (results travel without them)."""
+    path = Path(path)
     found = checkpoint_dir(path)
+    if found is None and (path / "meta.json").is_file():
+        found = path
     return None if found is None else json.loads((found / "meta.json").read_text())
 
 
@@ -466,11 +470,12 @@ def pretrain(cfg: Config, out: Path, device, deadline: float = math.inf, *, seed
     if meta is not None and meta["done"]:
         return True
     model = build_model(cfg, seed)
-    if meta is None:
+    found = checkpoint_dir(run_dir)
+    if found is None:  # a new run (or only its meta.json survived a copy: start over)
         meta = {"kind": "pretrain", "n_dims": cfg.n_dims, "model_config": dataclasses.asdict(cfg.model_config()),
                 "config": dataclasses.asdict(cfg), "seed": seed, "step": 0, "done": False, "history": []}
     else:
-        model.load_state_dict(load_file(checkpoint_dir(run_dir) / "model.safetensors"))
+        model.load_state_dict(load_file(found / "model.safetensors"))
     model.to(device)
 
     def batch_loss(forward, step):
@@ -513,6 +518,9 @@ def finetune(cfg: Config, out: Path, task: str, method: str, seeds, device, dead
              compile: bool = False, stop_at: int | None = None) -> bool:
     """Fine-tune the pretrained model on (task, method) for each seed (resuming), then evaluate each finished run into
     out/finetune/RUN/eval.json. One model object is reused across seeds so a compiled graph is built once."""
+    seeds = [seed for seed in seeds if not (out / "finetune" / run_name(task, method, seed) / "eval.json").is_file()]
+    if not seeds:
+        return True
     pretrained = checkpoint_dir(out / "pretrain")
     if pretrained is None or not read_meta(pretrained)["done"]:
         raise FileNotFoundError(f"{out / 'pretrain'}: no finished pretraining checkpoint (run `pretrain` first)")
@@ -521,16 +529,14 @@ def finetune(cfg: Config, out: Path, task: str, method: str, seeds, device, dead
     all_done = True
     for seed in seeds:
         run_dir = out / "finetune" / run_name(task, method, seed)
-        meta = read_meta(run_dir)
-        if meta is not None and (run_dir / "eval.json").is_file():
-            continue
-        if meta is None:
+        found = checkpoint_dir(run_dir)
+        if found is None:  # a new run (or only its meta.json survived a copy: start over)
             meta = {"kind": "finetune", "task": task, "method": method, "seed": seed, "n_dims": cfg.n_dims,
                     "model_config": dataclasses.asdict(cfg.model_config()), "config": dataclasses.asdict(cfg),
                     "step": 0, "done": False, "history": []}
             weights = pretrained / "model.safetensors"
         else:
-            weights = checkpoint_dir(run_dir) / "model.safetensors"
+            meta, weights = read_meta(run_dir), found / "model.safetensors"
         model.load_state_dict(load_file(weights, device=str(device)))
         metric_prompt = sample_prompt(cfg, task, method, cfg.metric_prompts, generator(device, seed, "metric", task))
 
@@ -601,7 +607,7 @@ def evaluate(out: Path, device) -> dict:
     cfg = load_config(out)
     for run_dir in sorted((out / "finetune").glob("*-s*")):
         meta = read_meta(run_dir)
-        if meta is None or not meta["done"] or (run_dir / "eval.json").is_file():
+        if meta is None or not meta["done"] or (run_dir / "eval.json").is_file() or checkpoint_dir(run_dir) is None:
             continue
         model, meta = load_model(run_dir)
         result = evaluate_run(model.to(device).eval(), cfg, meta["task"], meta["method"], meta["seed"], device)
@@ -691,7 +697,8 @@ def finetune_in_parallel(out: Path, pairs, seeds, device, deadline: float, compi
     """One `finetune` process per (task, method), `jobs` at a time: a small model leaves a GPU mostly idle, and
     separate processes overlap their kernel launches. Each process writes its log to out/logs/."""
     (out / "logs").mkdir(exist_ok=True)
-    waiting, running, ok = list(pairs), [], True
+    finished = lambda t, m: all((out / "finetune" / run_name(t, m, s) / "eval.json").is_file() for s in seeds)
+    waiting, running, ok = [(t, m) for t, m in pairs if not finished(t, m)], [], True
     while waiting or running:
         while waiting and len(running) < jobs and deadline - time.monotonic() > 60:
             task, method = waiting.pop(0)
@@ -712,7 +719,7 @@ def finetune_in_parallel(out: Path, pairs, seeds, device, deadline: float, compi
                 print(f"finetune {task} {method} failed (exit {process.returncode}): "
                       f"see {out}/logs/{task}-{method}.log")
                 ok = False
-    return ok and all((out / "finetune" / run_name(t, m, s) / "eval.json").is_file() for t, m in pairs for s in seeds)
+    return ok and all(finished(t, m) for t, m in pairs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -265,7 +265,11 @@ def test_quick_run_cft_beats_cpt_on_polynomial(tmp_path):
     assert poly["cft"]["mse"] < 0.7 * poly["neg-cft"]["mse"], poly
     assert (tmp_path / "results.md").read_text().count("| polynomial |") == 3
     assert (tmp_path / "inner_product.csv").is_file()
-    # re-running a finished run does no work and changes nothing
+    # re-running a finished run does no work and changes nothing, also when the weights were not copied along
     before = (tmp_path / "results.json").read_text()
+    for weights in tmp_path.glob("finetune/*/model.safetensors"):
+        weights.unlink()
     S.main(["all", "--preset", "test", "--out", str(tmp_path)])
     assert (tmp_path / "results.json").read_text() == before
+    assert "| polynomial | cft |" in (tmp_path / "results.md").read_text()
+    assert len((tmp_path / "inner_product.csv").read_text().splitlines()) == 1 + 9 * 3  # 3 records per run
