@@ -92,7 +92,7 @@ class Config:
 
 # The built-in demo: a model and schedule that learn the fictional facts in about a minute on 2 CPU cores.
 DEMO_MODEL = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=512)
-DEMO = dict(seq_len=256, batch_size=8, micro_batch_size=8, lr=5e-3, max_steps=150, heldout_fraction=0.0)
+DEMO = dict(seq_len=256, batch_size=8, micro_batch_size=4, lr=5e-3, max_steps=150, heldout_fraction=0.0)
 DEMO_VOCAB = 2048
 
 
