@@ -169,7 +169,7 @@ def test_instruction_data_mixed_or_as_a_second_stage(setup, tmp_path):
     assert all(t == response for t in trained)  # loss on the response only
 
 
-@pytest.mark.parametrize("case", ["empty", "field", "out-exists", "vocab", "nan"])
+@pytest.mark.parametrize("case", ["empty", "field", "out-exists", "vocab", "long-prompt", "nan"])
 def test_bad_input_stops_with_one_clear_line(setup, tmp_path, case):
     corpus = setup / "corpus.jsonl"
     extra = []
@@ -189,6 +189,10 @@ def test_bad_input_stops_with_one_clear_line(setup, tmp_path, case):
         data.train_tokenizer(list(_generated_sentences(2000)), other, 600)
         extra = ["--tokenizer", str(other)]
         expected = "has 600 tokens but the model's vocabulary has 512"
+    elif case == "long-prompt":
+        (tmp_path / "prompts.txt").write_text("Read this. " * 100 + "\n")
+        extra = ["--prompts", str(tmp_path / "prompts.txt")]
+        expected = "leaves no room for text in a row of 129 tokens"
     else:
         extra = ["--lr", "1e12", "--save-every", "1", "--max-steps", "6"]
         expected = "loss is nan"
