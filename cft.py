@@ -737,7 +737,9 @@ def auto_prompts(lm: LanguageModel, tokenizer: Tokenizer, texts: list[str], cfg:
     lm.eval()
     for b in tqdm(range(n_batches), desc="auto-cft prompts", disable=not (env.main and cfg.progress)):
         part = mine[b * batch_size:(b + 1) * batch_size] or mine[:1] or [0]
-        with autocast(cfg, env):
+        # Autocast also under FSDP: generate's KV cache takes the dtype of the (fp32, sharded) parameters while
+        # FSDP computes in bf16; autocast makes attention read both in bf16.
+        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = generate(lm, [inputs[i] for i in part], cfg.auto_prompt_tokens, pad_id=tokenizer.pad_id)
         for i, ids in zip(part, out):
             cut = next((k for k, t in enumerate(ids) if t == tokenizer.eos_id or t in newline), len(ids))
