@@ -102,7 +102,6 @@ class Config:
     # fixes of the official code's defects (off = faithful)
     fresh_context: bool = False
     matched_noise: bool = False
-    w_shift: float = 1.0  # shifted-linear only (used by context_tuning.py, not by the CFT grid)
 
     def model_config(self) -> ModelConfig:
         # vocab_size=1: the backbone's token embedding and LM head are unused (read-in/read-out replace them).
@@ -228,7 +227,7 @@ def build_prompt(method: str, batch: TaskBatch, gen: torch.Generator, *, fresh_c
 
 def sample_prompt(cfg: Config, task: str, method: str, batch_size: int, gen: torch.Generator):
     """(Prompt, TaskBatch): fresh tasks of the run's size, in the run's prompt construction."""
-    batch = sample_tasks(task, batch_size, cfg.n_points, cfg.n_dims, gen, w_shift=cfg.w_shift)
+    batch = sample_tasks(task, batch_size, cfg.n_points, cfg.n_dims, gen)
     return build_prompt(method, batch, gen, fresh_context=cfg.fresh_context, matched_noise=cfg.matched_noise), batch
 
 
