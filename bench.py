@@ -432,7 +432,7 @@ def bench_synthetic(argv):
 def bench_train(argv):
     """cft.py's training step against transformers' LlamaForCausalLM in the same run and settings (random weights,
     fp32 master weights with bf16 compute, fused AdamW, SDPA, no activation checkpointing): tokens/s and MFU with
-    cft.flops_per_token. One process: bf16 autocast. Under torchrun: FSDP2 (each block, then the root) with
+    ModelConfig.flops_per_token. One process: bf16 autocast. Under torchrun: FSDP2 (each block, then the root) with
     MixedPrecisionPolicy(bf16 params, fp32 reduce) for both."""
     import gc
     from contextlib import nullcontext
@@ -460,7 +460,7 @@ def bench_train(argv):
     else:
         model_cfg = ModelConfig.from_name(args.model, **({"n_layers": args.layers} if args.layers else {}))
     model_cfg.max_seq_len = max(model_cfg.max_seq_len, args.seq_len)
-    flops = cft.flops_per_token(model_cfg, args.seq_len)
+    flops = model_cfg.flops_per_token(args.seq_len)
     tokens_per_step = args.micro_batch_size * env.world * args.seq_len
     rng = np.random.default_rng(0)
     n_rows = args.micro_batch_size * env.world * (args.steps + args.warmup)

@@ -162,13 +162,6 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token for MFU: model.py's 6N + 12·layers·dim·seq, less the input embedding, which is a
-    lookup and no matmul (the convention behind the issue's figure for transformers: 33.3k tokens/s = 40.8% MFU)."""
-    embedding = 0 if cfg.tie_embeddings else 6 * cfg.vocab_size * cfg.dim
-    return cfg.flops_per_token(seq_len) - embedding
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs as a single process without any
 # process group. gloo on CPU, nccl on GPU.
@@ -599,7 +592,7 @@ def train(lm: LanguageModel, train_data: TrainData, cfg: Config, env: Dist, out:
     if env.main:
         data.atomic_write(out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in records)
                                                                    .encode()))
-    flops = flops_per_token(lm.cfg, cfg.seq_len)
+    flops = lm.cfg.flops_per_token(cfg.seq_len)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(total=total, initial=start, desc=label or "train", disable=not (env.main and cfg.progress),
                dynamic_ncols=True)
