@@ -302,6 +302,13 @@ def checkpoint_dir(path) -> Path | None:
     return None
 
 
+def read_tensors(path: Path, device="cpu") -> dict:
+    try:
+        return load_file(path, device=str(device))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def read_meta(path) -> dict | None:
     """A checkpoint folder's meta.json, also when its weights were not copied along (results travel without them)."""
     path = Path(path)
@@ -318,13 +325,13 @@ def load_model(path) -> tuple[RegressionTransformer, dict]:
         raise FileNotFoundError(f"{path}: not a synthetic.py checkpoint (expected meta.json and model.safetensors)")
     meta = json.loads((found / "meta.json").read_text())
     model = RegressionTransformer(meta["n_dims"], ModelConfig(**meta["model_config"]))
-    model.load_state_dict(load_file(found / "model.safetensors"))
+    model.load_state_dict(read_tensors(found / "model.safetensors"))
     return model, meta
 
 
 def load_optimizer(optimizer, path: Path) -> None:
     state = {}
-    for key, t in load_file(path).items():
+    for key, t in read_tensors(path).items():
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = t
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
@@ -474,7 +481,7 @@ def pretrain(cfg: Config, out: Path, device, deadline: float = math.inf, *, seed
         meta = {"kind": "pretrain", "n_dims": cfg.n_dims, "model_config": dataclasses.asdict(cfg.model_config()),
                 "config": dataclasses.asdict(cfg), "seed": seed, "step": 0, "done": False, "history": []}
     else:
-        model.load_state_dict(load_file(found / "model.safetensors"))
+        model.load_state_dict(read_tensors(found / "model.safetensors"))
     model.to(device)
 
     def batch_loss(forward, step):
@@ -536,7 +543,7 @@ def finetune(cfg: Config, out: Path, task: str, method: str, seeds, device, dead
             weights = pretrained / "model.safetensors"
         else:
             meta, weights = read_meta(run_dir), found / "model.safetensors"
-        model.load_state_dict(load_file(weights, device=str(device)))
+        model.load_state_dict(read_tensors(weights, device))
         metric_prompt = sample_prompt(cfg, task, method, cfg.metric_prompts, generator(device, seed, "metric", task))
 
         def batch_loss(forward, step):
@@ -696,8 +703,9 @@ def finetune_in_parallel(out: Path, pairs, seeds, device, deadline: float, compi
     """One `finetune` process per (task, method), `jobs` at a time: a small model leaves a GPU mostly idle, and
     separate processes overlap their kernel launches. Each process writes its log to out/logs/."""
     (out / "logs").mkdir(exist_ok=True)
-    finished = lambda t, m: all((out / "finetune" / run_name(t, m, s) / "eval.json").is_file() for s in seeds)
-    waiting, running, ok = [(t, m) for t, m in pairs if not finished(t, m)], [], True
+    evaluated = lambda t, m: sum((out / "finetune" / run_name(t, m, s) / "eval.json").is_file() for s in seeds)
+    waiting, running, failed = [(t, m) for t, m in pairs if evaluated(t, m) < len(seeds)], [], []
+    bar = tqdm(total=len(pairs) * len(seeds), initial=sum(evaluated(t, m) for t, m in pairs), desc="fine-tuning runs")
     while waiting or running:
         while waiting and len(running) < jobs and deadline - time.monotonic() > 60:
             task, method = waiting.pop(0)
@@ -705,20 +713,25 @@ def finetune_in_parallel(out: Path, pairs, seeds, device, deadline: float, compi
             command = [sys.executable, str(Path(__file__).resolve()), "finetune", "--out", str(out), "--task", task,
                        "--method", method, "--seed", *map(str, seeds), "--device", str(device),
                        "--time-budget", budget, "--compile" if compile else "--no-compile"]
-            log = open(out / "logs" / f"{task}-{method}.log", "a")
-            running.append(((task, method), subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+            log_path = out / "logs" / f"{task}-{method}.log"
+            log = open(log_path, "a")
+            running.append((log_path, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
         if not running:
-            return False  # deadline reached before every pair could start
+            break  # the deadline came before every pair could start
         time.sleep(1)
         for item in [r for r in running if r[1].poll() is not None]:
-            (task, method), process, log = item
+            log_path, process, log = item
             log.close()
             running.remove(item)
             if process.returncode != 0:
-                print(f"finetune {task} {method} failed (exit {process.returncode}): "
-                      f"see {out}/logs/{task}-{method}.log")
-                ok = False
-    return ok and all(finished(t, m) for t, m in pairs)
+                tail = log_path.read_text(errors="replace")[-2000:]
+                print(f"\n{log_path} (exit {process.returncode}), last lines:\n{tail}")
+                failed.append(log_path.stem)
+        bar.update(sum(evaluated(t, m) for t, m in pairs) - bar.n)
+    bar.close()
+    if failed:
+        raise SystemExit(f"error: fine-tuning failed for {', '.join(failed)} (logs in {out / 'logs'})")
+    return all(evaluated(t, m) == len(seeds) for t, m in pairs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

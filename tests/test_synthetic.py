@@ -211,6 +211,9 @@ def test_checkpoint_round_trip_and_interrupted_save(tmp_path):
     assert S.load_model(tmp_path / "ckpt")[1]["step"] == 7
     with pytest.raises(FileNotFoundError, match="not a synthetic.py checkpoint"):
         S.load_model(tmp_path / "missing")
+    (tmp_path / "ckpt.old" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="ckpt.old/model.safetensors: not a readable safetensors file"):
+        S.load_model(tmp_path / "ckpt")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
