@@ -709,7 +709,7 @@ def finetune_in_parallel(out: Path, pairs, seeds, device, deadline: float, compi
     while waiting or running:
         while waiting and len(running) < jobs and deadline - time.monotonic() > 60:
             task, method = waiting.pop(0)
-            budget = f"{deadline - time.monotonic():.0f}"  # "inf" without a budget
+            budget = f"{deadline - time.monotonic() - 15:.0f}"  # 15 s for the child's start-up; "inf" if unbounded
             command = [sys.executable, str(Path(__file__).resolve()), "finetune", "--out", str(out), "--task", task,
                        "--method", method, "--seed", *map(str, seeds), "--device", str(device),
                        "--time-budget", budget, "--compile" if compile else "--no-compile"]
