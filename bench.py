@@ -541,6 +541,8 @@ def bench_train(argv):
     results = {}
     for name, run in cases:
         results[name] = run()
+        if env.main:  # as each case ends, so a run cut short still reports what it measured
+            print(f"{name}: {results[name][0]:,.0f} tokens/s, peak {results[name][1]:.1f} GiB", flush=True)
         gc.collect()  # free the previous model before the next one is built
         if cuda:
             torch.cuda.empty_cache()
