@@ -262,7 +262,7 @@ def folded_rule(mask: AttentionMask, n_queries: int, n_own_keys: int):
 def _flex(q, k, v, mask, prefix, gqa):
     """FlexAttention with a block mask: memory grows with the number of 128x128 blocks, not queries x keys."""
     B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    S = k.shape[2]
     P = mask.prefix_len
     flex = _compiled_flex()
     if prefix is not None and prefix[0].shape[0] == 1 and B > 1:

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from model import ModelConfig, Transformer, create_model
+from model import ModelConfig, create_model
 
 TASKS = ("polynomial", "relu", "sumdot")  # the fine-tuning classes G
 SAMPLER_TASKS = ("linear", "shifted-linear") + TASKS  # shifted-linear: w ~ N(w_shift, I), a task pretraining never saw

@@ -102,7 +102,7 @@ def naive_attention(q, k, v, keep):
 
 
 def mask_cases():
-    B, T, P = 3, 6, 5
+    B, P = 3, 5  # rows, prefix positions (6 tokens per row: see test_attention_equals_naive_reference)
     g = torch.Generator().manual_seed(0)
     yield "causal", dict(), 0
     yield "prefix+leave-one-out", dict(hidden_span=torch.tensor([[0, 2], [2, 4], [4, 5]])), P
