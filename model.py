@@ -149,12 +149,11 @@ class AttentionMask:
     query_offset: int = 0
     _built: dict = field(default_factory=dict, repr=False, compare=False)  # block masks, built once per forward
 
-    def is_plain_causal(self) -> bool:
-        return (self.prefix_len == 0 and self.query_offset == 0 and self.hidden_span is None and self.dropped is None
-                and self.doc_ids is None and self.pad_left is None)
-
     def varies_by_row(self) -> bool:
         return any(t is not None for t in (self.hidden_span, self.dropped, self.doc_ids, self.pad_left))
+
+    def is_plain_causal(self) -> bool:
+        return self.prefix_len == 0 and self.query_offset == 0 and not self.varies_by_row()
 
 
 def allowed(mask: AttentionMask, b, q_idx, kv_idx):
