@@ -131,7 +131,8 @@ class CorpusStats:
                 f"and {self.skipped_empty} empty")
 
 
-def _open_bytes(path: Path):
+def open_bytes(path: Path):
+    """A file opened for bytes, gunzipped on the fly when its name ends in .gz."""
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
@@ -139,7 +140,7 @@ def _read_text_file(path: Path) -> tuple[str, bool]:
     """(text, ok): ok is False when the bytes are not UTF-8."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with _open_bytes(path) as f:
+    with open_bytes(path) as f:
         raw = f.read()
     try:
         return raw.decode("utf-8"), True
@@ -161,7 +162,7 @@ def corpus_files(path) -> list[Path]:
 
 def read_jsonl(path: Path, stats: CorpusStats):
     """Yield (line_number, object) for each non-blank line; non-UTF-8 lines are counted in stats and skipped."""
-    with _open_bytes(path) as f:
+    with open_bytes(path) as f:
         for line_no, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")

@@ -28,7 +28,6 @@ Why it is fast, with the same numbers as one-question-at-a-time scoring (tests/t
 """
 import argparse
 import csv
-import gzip
 import json
 import os
 import random
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import Tokenizer, tokenize_texts
+from data import Tokenizer, open_bytes, tokenize_texts
 from model import KVCache, ModelConfig, PRESETS, apply_lora, create_model, load_pretrained, merge_lora
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -78,7 +77,7 @@ def text_lines(path: Path):
     """The lines of a UTF-8 text file (gzipped if it ends in .gz); undecodable bytes name their line."""
     if not path.is_file():
         raise DataError(f"{path}: no such file\n{DATA_LAYOUT}")
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+    with open_bytes(path) as f:
         line_no = 0
         try:
             for line_no, raw in enumerate(f, 1):
