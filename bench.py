@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import AttentionMask, attention, dense_mask
+from model import AttentionMask, attention, dense_mask, prepend_prefix
 
 
 def timed(fn, repeats: int = 20, warmup: int = 3) -> float:
@@ -99,11 +99,8 @@ def attention_parity(device, dtype):
         out, grads = _fwd_bwd(lambda: attention(q, k, v, mask, prefix), inputs)()
         # exact reference: dense mask + SDPA in fp32
         up = [x.detach().float().requires_grad_() for x in inputs]
-        qr, kr, vr = up[:3]
-        if prefix is not None:
-            B = q.shape[0]
-            kr = torch.cat([up[3].expand(B, -1, -1, -1), kr], 2)
-            vr = torch.cat([up[4].expand(B, -1, -1, -1), vr], 2)
+        qr = up[0]
+        kr, vr = prepend_prefix(up[1], up[2], None if prefix is None else (up[3], up[4]))
         keep = dense_mask(mask, q.shape[0], q.shape[2], kr.shape[2], q.device)
         ref = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=keep, enable_gqa=True)
         ref_grads = torch.autograd.grad(ref, up, torch.ones_like(ref))
@@ -165,8 +162,7 @@ def bench_attention(argv):
                   lambda: attention(q, k, v, mask, prefix)}
     if device == "cuda":
         def sdpa_dense():  # what a caller without the description would do: copy the prefix per row + dense mask
-            keys = torch.cat([prefix[0].expand(n_demo, -1, -1, -1), k], 2)
-            values = torch.cat([prefix[1].expand(n_demo, -1, -1, -1), v], 2)
+            keys, values = prepend_prefix(k, v, prefix)
             keep = dense_mask(mask, n_demo, T, P + T, device)
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep)
         candidates["SDPA + dense mask, prefix copied per row"] = sdpa_dense

@@ -218,6 +218,15 @@ def _block_mask(mask: AttentionMask, key, mask_mod, batch, n_queries, n_keys, de
     return mask._built[key]
 
 
+def prepend_prefix(k, v, prefix):
+    """Keys/values [prefix | own] per row: the prefix is copied once per row (the exact path's layout)."""
+    if prefix is None:
+        return k, v
+    B = k.shape[0]
+    return (torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2),
+            torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2))
+
+
 def attention(q, k, v, mask: AttentionMask, prefix=None):
     """Scaled dot-product attention under an AttentionMask description.
 
@@ -237,9 +246,7 @@ def attention(q, k, v, mask: AttentionMask, prefix=None):
         # Exact path: on CPU (FlexAttention has no CPU backward), and for fewer than 128 queries (decode steps, short
         # pairs), where FlexAttention switches to a decoding kernel that fails to compile for some shapes (torch 2.11)
         # and the dense mask is small anyway (under 128 x keys per row).
-        if prefix is not None:
-            k = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)
-            v = torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2)
+        k, v = prepend_prefix(k, v, prefix)
         keep = dense_mask(mask, B, T, k.shape[2], q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
     return _flex(q, k, v, mask, prefix, gqa)
@@ -273,9 +280,7 @@ def _flex(q, k, v, mask, prefix, gqa):
         block_mask = _block_mask(mask, ("folded", B, T, S), folded_rule(mask, T, S), 1, B * T, P + B * S, q.device)
         out = flex(fold(q), keys, values, block_mask=block_mask, enable_gqa=gqa)
         return out.view(H, B, T, D).transpose(0, 1)
-    if prefix is not None:
-        k = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2)
+    k, v = prepend_prefix(k, v, prefix)
     mask_mod = lambda b, _h, qi, ki: allowed(mask, b, qi, ki)
     rows = B if mask.varies_by_row() else None  # None: one block mask broadcast over the batch
     block_mask = _block_mask(mask, ("plain", rows, T, k.shape[2]), mask_mod, rows, T, k.shape[2], q.device)
