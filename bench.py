@@ -554,8 +554,7 @@ def bench_train(argv):
               f"{'bf16 compute, fp32 master weights' if cuda else 'fp32'}; MFU = {flops / 1e9:.2f} GFLOP/token / "
               f"989 TFLOP/s per GPU; {args.steps} timed steps after {args.warmup}")
         print(table(table_rows, ["implementation", "tokens/s", "MFU", "peak GiB", "vs transformers"]))
-    if env.world > 1:
-        torch.distributed.destroy_process_group()
+    cft.shutdown_distributed(env, finished=True)
 
 
 SUBCOMMANDS = {

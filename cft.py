@@ -209,6 +209,25 @@ def setup_distributed(device: str | None) -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
+def shutdown_distributed(env: Dist, finished: bool):
+    """Leave the process group; after a finished run on gloo (CPU), leave the process too.
+
+    Why the exit: on torch 2.13 a gloo worker thread can still hold a completed collective (a barrier keeps the
+    all-gathers it waited for) whose tensors have Python objects, and FSDP2/DTensor caches keep the group alive past
+    destroy_process_group, so the thread may drop them while the interpreter is finalising; dropping needs the GIL,
+    which is gone, and the process aborts ("terminate called without an active exception"; seen in ~1 of 15 two-
+    process CPU runs on a loaded 2-core machine, core dump: ~AsyncBarrierWork -> decref_pyobject -> take_gil). Every
+    file is closed and every result written by now, so skipping that teardown loses nothing."""
+    if env.world == 1 or not dist.is_initialized():
+        return
+    gloo = dist.get_backend() == "gloo"
+    dist.destroy_process_group()
+    if finished and gloo:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The model. LanguageModel holds the Transformer and (ProMoT) the soft prompt, so that under FSDP2 the root module
 # owns the embedding, final norm, output projection and soft prompt, and every block is its own FSDP unit
@@ -471,13 +490,13 @@ def heldout_loss(lm, rows: Rows, cfg: Config, env: Dist) -> float:
     return total / max(count, 1)
 
 
-def lr_at(step: int, total: int, cfg: Config, base_lr: float) -> float:
-    """Linear warm-up over cfg.warmup of the steps, then cosine decay to 0."""
-    warmup = max(1, round(cfg.warmup * total))
+def lr_at(step: int, peak: float, warmup: int, total: int, final_fraction: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to final_fraction * peak (1: constant after warm-up).
+    The one schedule of the project: cft.py, synthetic.py and context_tuning.py all use it."""
     if step < warmup:
-        return base_lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(lm: LanguageModel, stage: str, cfg: Config, env: Dist):
@@ -610,7 +629,8 @@ def train(lm: LanguageModel, train_data: TrainData, cfg: Config, env: Dist, out:
         global_index = sampler.batch(in_epoch, order=order)
         n_targets = int(train_data.rows.loss[global_index, 1:].sum())
         index = sampler.batch(in_epoch, env.rank, env.world, order=order)
-        lr = lr_at(stage_step, stage_total, cfg, cfg.promot_lr if stage == "prompt" else cfg.lr)
+        lr = lr_at(stage_step, cfg.promot_lr if stage == "prompt" else cfg.lr, max(1, round(cfg.warmup * stage_total)),
+                   stage_total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, grad_norm = train_step(lm, optimizer, train_data.rows, index, max(n_targets, 1), cfg, env, params)
@@ -885,6 +905,7 @@ def main(argv=None):
         # The demo model is so small that a second thread barely helps, and on a busy machine threads that wait for
         # each other cost several times the work itself.
         torch.set_num_threads(1)
+    finished = False
     try:
         torch.manual_seed(cfg.seed)
         texts, questions, tokenizer, model_cfg, methods = resolve(cfg, env)
@@ -892,10 +913,10 @@ def main(argv=None):
         results = [run_method(m, cfg, env, texts, questions, tokenizer, model_cfg, o) for m, o in zip(methods, outs)]
         if env.main:
             report(results, questions, outs)
+        finished = True
     finally:
         torch.set_num_threads(threads)
-        if env.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(env, finished)
 
 
 def report(results: list[dict], questions, outs):

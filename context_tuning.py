@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import evaluate as ev
 import synthetic as sy
+from cft import lr_at
 from model import AttentionMask, KVCache, apply_lora, generate, load_pretrained, merge_lora
 
 METHODS = ("zero-shot", "icl", "prompt-tuning", "prefix-tuning", "ct-prompt", "ct-kv", "ttt", "ttt+ct-kv")
@@ -295,7 +296,7 @@ def optimise(params, batch_loss, n_rows: int, cfg: TuneConfig, desc: str):
     """AdamW (no weight decay), cosine decay to 0 without warm-up, grad-norm clip, one step per epoch over all pairs.
     batch_loss(rows, generator) -> (len(rows),) per-pair losses; rows go in micro-batches of cfg.micro_batch."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: sy.lr_at(s, 1.0, 0, cfg.steps, 0.0))  # cosine, no warm-up
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, 0, cfg.steps))  # cosine, no warm-up
     generator = torch.Generator().manual_seed(cfg.seed)  # dropout masks and TTT permutations
     chunk = cfg.micro_batch or n_rows
     for _ in tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, leave=False):

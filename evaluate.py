@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cft import setup_distributed, shutdown_distributed
 from data import Tokenizer, open_bytes, tokenize_texts
 from model import KVCache, ModelConfig, PRESETS, apply_lora, create_model, load_pretrained, merge_lora
 
@@ -658,18 +659,6 @@ def build_model(args, device, dtype):
 # CLI
 
 
-def setup_distributed():
-    """(rank, world, device): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; each rank holds the whole model."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
-    local = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
 def run_suite(args, model, tok, rank, world) -> dict:
     """{"tasks": {name: result}}; the ICL suite names its entries "<task> k=<k>"."""
     soft = load_soft_prompt(args.soft_prompt, model.cfg.dim) if args.soft_prompt else None
@@ -736,6 +725,7 @@ def main(argv=None):
     p.add_argument("--compare", nargs="+", metavar="JSON", help="print the side-by-side table of result files, "
                                                                 "with deltas against the first, and exit")
     args = p.parse_args(argv)
+    env, finished = None, False
     try:
         if args.compare:
             print(compare(args.compare))
@@ -751,7 +741,8 @@ def main(argv=None):
                 raise DataError(f"{flag} {value}: expected an integer >= {least}")
         if args.out and Path(args.out).exists():
             raise DataError(f"--out {args.out} exists; refusing to overwrite it")
-        rank, world, device = setup_distributed()
+        env = setup_distributed(None)  # each rank holds the whole model and scores its share of the rows
+        rank, world, device = env.rank, env.world, str(env.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
         args.batch_tokens = args.batch_tokens or (16384 if device.startswith("cuda") else 2048)
         tok = Tokenizer(default_tokenizer(args))
@@ -772,11 +763,12 @@ def main(argv=None):
                 tmp.write_text(json.dumps(result, indent=2) + "\n")
                 os.replace(tmp, out)
                 print(f"wrote {out}", file=sys.stderr)
+        finished = True
     except (DataError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if env is not None:
+            shutdown_distributed(env, finished)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from cft import lr_at
 from model import ModelConfig, create_model
 
 TASKS = ("polynomial", "relu", "sumdot")  # the fine-tuning classes G
@@ -402,14 +403,6 @@ def autocast(device):
     """bf16 autocast on CUDA (fp32 master weights and optimizer state); plain fp32 on CPU."""
     device = torch.device(device)
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def lr_at(step: int, peak: float, warmup: int, total: int, final_fraction: float) -> float:
-    """Linear warm-up, then cosine decay to final_fraction * peak (final_fraction 1: constant after warm-up)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train(model, run_dir: Path, meta: dict, batch_loss, lr_of_step, *, total_steps: int, device, deadline: float,

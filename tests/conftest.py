@@ -1,6 +1,8 @@
 """Shared test fixtures: tiny configs and a tiny sentencepiece tokenizer trained on generated text."""
 import io
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,15 @@ def tiny_cfg(vocab_size: int = 512, **overrides) -> ModelConfig:
     """A model small enough for exact CPU tests: grouped-query attention (4 heads, 2 KV heads)."""
     fields = dict(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=512)
     return ModelConfig(**{**fields, **overrides})
+
+
+def torchrun(script: Path, argv: list[str], cwd: Path, nproc: int = 2):
+    """Run an entry file under torchrun (gloo, one thread per process, a free port) and require exit status 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(script), *argv]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            cwd=cwd, timeout=300)
+    assert result.returncode == 0, result.stderr[:4000] + "\n...\n" + result.stderr[-2000:]
 
 
 def _generated_sentences(n: int, seed: int = 0):

@@ -1,9 +1,6 @@
 """cft.py: loss masking, distributed equivalence (torchrun, FSDP2 on gloo), exact resume, ProMoT, auto-CFT, bad input."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ from safetensors.torch import load_file
 
 import cft
 import data
-from conftest import ROOT, _generated_sentences, tiny_cfg
+from conftest import ROOT, _generated_sentences, tiny_cfg, torchrun
 from model import create_model, load_pretrained, save_pretrained
 
 # Small enough for seconds on 2 cores; micro-batches of 2 so that one process accumulates two of them.
@@ -79,11 +76,8 @@ def test_prompt_tokens_get_no_gradient(setup):
 
 def test_torchrun_two_processes_equal_one(setup, reference):
     out = setup / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "cft.py"), *args(setup, out, *AUTO, "--micro-batch-size", "1", "--cache-dir", str(setup / "cache2"))]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(ROOT / "cft.py", args(setup, out, *AUTO, "--micro-batch-size", "1", "--cache-dir", str(setup / "cache2")),
+             cwd=ROOT)
     one, two = losses(reference), losses(out)
     assert len(one) == len(two) == 4
     prompts = [json.loads(p.read_text()) for c in ("cache", "cache2") for p in (setup / c).glob("auto-prompts-*.json")]

@@ -1,8 +1,5 @@
 """evaluate.py: published prompt formats, option scoring, sklearn-equal metrics, fast path == plain path, bad inputs."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +7,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import evaluate as ev
-from conftest import LLAMA_TOKENIZER, ROOT, SHARED_DATA, tiny_cfg
+from conftest import LLAMA_TOKENIZER, ROOT, SHARED_DATA, tiny_cfg, torchrun
 from data import Tokenizer
 from model import apply_lora, create_model
 
@@ -292,9 +289,7 @@ def test_cli_end_to_end_on_a_tiny_random_model(tmp_path):
 def test_torchrun_ranks_give_the_single_process_predictions(tmp_path):
     argv = ["--tasks", "medqa,fiqa-sa", "--shots", "1", "--limit", "3"]
     ev.main(argv + ["--out", str(tmp_path / "one.json")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "evaluate.py"),
-                    *argv, "--out", str(tmp_path / "two.json")], check=True, env=env, capture_output=True, cwd=tmp_path)
+    torchrun(ROOT / "evaluate.py", argv + ["--out", str(tmp_path / "two.json")], cwd=tmp_path)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert two["world"] == 2
     for task in ("medqa", "fiqa-sa"):
