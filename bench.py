@@ -567,9 +567,13 @@ SUBCOMMANDS = {
 
 
 def main():
+    usage = f"usage: python bench.py {{{','.join(SUBCOMMANDS)}}} [options]; see --help of each"
+    if len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help"):
+        print(f"{__doc__}\n{usage}")
+        return
     if len(sys.argv) < 2 or sys.argv[1] not in SUBCOMMANDS:
         print(__doc__)
-        raise SystemExit(f"usage: python bench.py {{{','.join(SUBCOMMANDS)}}} [options]; see --help of each")
+        raise SystemExit(usage)
     SUBCOMMANDS[sys.argv[1]](sys.argv[2:])
 
 

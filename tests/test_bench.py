@@ -1,0 +1,27 @@
+"""bench.py: every subcommand runs end to end on CPU at tiny scale and prints its markdown table (no timings checked)."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import LLAMA_TOKENIZER, ROOT, SHARED_DATA
+
+
+def bench(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench.py"), *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("subcommand", ["attention", "ct", "synthetic", "train", "eval"])
+def test_subcommand_tiny_prints_a_table(subcommand):
+    if subcommand == "eval" and not ((SHARED_DATA / "mmlu-medical").is_dir() and LLAMA_TOKENIZER.is_file()):
+        pytest.skip("needs ../shared/data")
+    result = bench(subcommand, "--tiny", *(["--limit", "4"] if subcommand == "eval" else []))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "|---|" in result.stdout, result.stdout[-2000:]
+
+
+def test_help_and_unknown_subcommand():
+    assert bench("--help").returncode == 0
+    unknown = bench("nope")
+    assert unknown.returncode == 1 and "usage: python bench.py" in unknown.stderr
