@@ -404,12 +404,13 @@ def bench_synthetic(argv):
         return step
 
     compiled = torch.compile(model)
+    ours = "bf16" if device == "cuda" else "fp32"  # synthetic.autocast is bf16 on CUDA only
     cases = [("pretrain, official: fp32, eager", model, "linear", "cpt", 64, False, 500_000),
-             ("pretrain, synthetic.py: bf16, compiled", compiled, "linear", "cpt", cfg.pretrain_batch, True,
+             (f"pretrain, synthetic.py: {ours}, compiled", compiled, "linear", "cpt", cfg.pretrain_batch, True,
               cfg.pretrain_steps),
-             ("fine-tune CPT, synthetic.py: bf16, eager", model, "polynomial", "cpt", cfg.finetune_batch, True,
+             (f"fine-tune CPT, synthetic.py: {ours}, eager", model, "polynomial", "cpt", cfg.finetune_batch, True,
               cfg.finetune_steps),
-             ("fine-tune CFT, synthetic.py: bf16, eager", model, "polynomial", "cft", cfg.finetune_batch, True,
+             (f"fine-tune CFT, synthetic.py: {ours}, eager", model, "polynomial", "cft", cfg.finetune_batch, True,
               cfg.finetune_steps)]
     rows = []
     for name, forward, task, method, batch_size, bf16, steps in cases:
