@@ -29,7 +29,6 @@ Why it is fast, with the same numbers as one-question-at-a-time scoring (tests/t
 import argparse
 import csv
 import json
-import os
 import random
 import sys
 import time
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cft import setup_distributed, shutdown_distributed
-from data import Tokenizer, open_bytes, tokenize_texts
+from data import Tokenizer, atomic_write, open_bytes, tokenize_texts
 from model import KVCache, ModelConfig, PRESETS, apply_lora, create_model, load_pretrained, merge_lora
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -757,12 +756,8 @@ def main(argv=None):
         if rank == 0:
             print(markdown_table([result]))
             if args.out:  # written whole and renamed into place: never a half-written result file
-                out = Path(args.out)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(f".{out.name}.tmp")
-                tmp.write_text(json.dumps(result, indent=2) + "\n")
-                os.replace(tmp, out)
-                print(f"wrote {out}", file=sys.stderr)
+                atomic_write(Path(args.out), lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+                print(f"wrote {args.out}", file=sys.stderr)
         finished = True
     except (DataError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
