@@ -16,6 +16,8 @@ from model import ModelConfig  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 LLAMA_TOKENIZER = SHARED_DATA / "llama2-tokenizer" / "tokenizer.model"
+needs_data = pytest.mark.skipif(not (SHARED_DATA / "mmlu-medical").is_dir() or not LLAMA_TOKENIZER.is_file(),
+                                reason="../shared/data not present")
 
 torch.set_num_threads(2)
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import LLAMA_TOKENIZER, ROOT, SHARED_DATA
+from conftest import ROOT, needs_data
 
 
 def bench(*argv) -> subprocess.CompletedProcess:
@@ -12,10 +12,9 @@ def bench(*argv) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-@pytest.mark.parametrize("subcommand", ["attention", "ct", "synthetic", "train", "eval"])
+@pytest.mark.parametrize("subcommand",
+                         ["attention", "ct", "synthetic", "train", pytest.param("eval", marks=needs_data)])
 def test_subcommand_tiny_prints_a_table(subcommand):
-    if subcommand == "eval" and not ((SHARED_DATA / "mmlu-medical").is_dir() and LLAMA_TOKENIZER.is_file()):
-        pytest.skip("needs ../shared/data")
     result = bench(subcommand, "--tiny", *(["--limit", "4"] if subcommand == "eval" else []))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "|---|" in result.stdout, result.stdout[-2000:]

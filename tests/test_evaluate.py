@@ -7,12 +7,9 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import evaluate as ev
-from conftest import LLAMA_TOKENIZER, ROOT, SHARED_DATA, tiny_cfg, torchrun
+from conftest import LLAMA_TOKENIZER, ROOT, SHARED_DATA, needs_data, tiny_cfg, torchrun
 from data import Tokenizer
 from model import apply_lora, create_model
-
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "mmlu-medical").is_dir() or not LLAMA_TOKENIZER.is_file(),
-                                reason="../shared/data not present")
 
 # lm-evaluation-harness `mmlu` (description + first_n dev shots + "\n\n" delimiters), anatomy, 2-shot, test row 1.
 GOLDEN_MMLU = (
