@@ -1,8 +1,8 @@
-"""Data for domain training: the tokenizer wrapper, contextual prompts, corpus readers, a tokenization cache, training
-rows (prompt + chunk, optional packing), instruction data, and a built-in fictional biomedical domain.
+"""Data for domain training: the tokenizer wrapper, contextual prompts, corpus readers (the project's one JSONL reader),
+a tokenization cache, training rows (prompt + chunk, optional packing), instruction data and batches.
 
-Read top to bottom: tokenizer -> prompts -> corpus readers -> tokenization cache -> training rows -> batches ->
-instruction data -> the fictional domain.
+Read top to bottom: tokenizer -> prompts -> corpus readers -> tokenization cache -> training rows -> batches.
+The built-in fictional domain is in pharmacology.py.
 """
 import gzip
 import hashlib
@@ -10,13 +10,14 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 import torch
+
+from atomic import atomic_write
 
 
 class Tokenizer:
@@ -41,6 +42,16 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.sp.DecodeIds(list(ids))
+
+    @classmethod
+    def resolve(cls, tokenizer=None, checkpoint=None) -> "Tokenizer":
+        """The one tokenizer rule of every script: --tokenizer FILE, else the checkpoint folder's tokenizer.model."""
+        if tokenizer:
+            return cls(tokenizer)
+        if checkpoint and (Path(checkpoint) / "tokenizer.model").is_file():
+            return cls(Path(checkpoint) / "tokenizer.model")
+        where = f"{checkpoint} has no tokenizer.model" if checkpoint else "no checkpoint folder was given"
+        raise ValueError(f"no tokenizer: {where}; pass --tokenizer FILE (a sentencepiece tokenizer.model)")
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.vocab_size != vocab_size:
@@ -160,21 +171,32 @@ def corpus_files(path) -> list[Path]:
     return files
 
 
-def read_jsonl(path: Path, stats: CorpusStats):
-    """Yield (line_number, object) for each non-blank line; non-UTF-8 lines are counted in stats and skipped."""
-    with open_bytes(path) as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                stats.skipped_non_utf8 += 1
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+def read_jsonl(path, stats: CorpusStats | None = None):
+    """Yield (line_number, object) for each non-blank line of a JSON-lines file (gzip if it ends in .gz): the project's
+    one JSONL reader. Errors name the place as `path:line: message`. A line whose bytes are not UTF-8 is counted in
+    `stats` and skipped (a long corpus should not stop on one bad line), or, without stats, is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    line_no = 0
+    try:
+        with open_bytes(path) as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    if stats is None:
+                        raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e.reason})") from None
+                    stats.skipped_non_utf8 += 1
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+        raise ValueError(f"{path}:{line_no + 1}: unreadable ({e})") from None
 
 
 def read_corpus(path, text_field: str = "text") -> tuple[list[str], CorpusStats]:
@@ -184,7 +206,8 @@ def read_corpus(path, text_field: str = "text") -> tuple[list[str], CorpusStats]
     for file in corpus_files(path):
         stats.files += 1
         if ".jsonl" in file.name or file.name.endswith(".json.gz"):
-            documents = (_field(obj, text_field, file, line_no) for line_no, obj in read_jsonl(file, stats))
+            documents = (require_field(obj, text_field, f"{file}:{line_no}", hint="; set the field name with --text-field")
+                         for line_no, obj in read_jsonl(file, stats))
         else:
             text, ok = _read_text_file(file)
             stats.skipped_non_utf8 += not ok
@@ -200,12 +223,13 @@ def read_corpus(path, text_field: str = "text") -> tuple[list[str], CorpusStats]
     return texts, stats
 
 
-def _field(obj, name: str, file: Path, line_no: int) -> str:
+def require_field(obj, name: str, where: str, kind=str, hint: str = ""):
+    """obj[name], checked to be a `kind`; else one error naming the place (`path:line`), the field and what was found."""
     if not isinstance(obj, dict) or name not in obj:
         keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{file}:{line_no}: no field '{name}' (found: {keys}); set the field name with --text-field")
-    if not isinstance(obj[name], str):
-        raise ValueError(f"{file}:{line_no}: field '{name}' is {type(obj[name]).__name__}, expected a string")
+        raise ValueError(f"{where}: no field '{name}' (found: {keys}){hint}")
+    if not isinstance(obj[name], kind):
+        raise ValueError(f"{where}: field '{name}' is {type(obj[name]).__name__}, expected {kind.__name__}")
     return obj[name]
 
 
@@ -215,7 +239,8 @@ def read_instructions(path, prompt_field: str = "prompt", response_field: str = 
     pairs = []
     for file in corpus_files(path):
         for line_no, obj in read_jsonl(file, stats):
-            pairs.append((_field(obj, prompt_field, file, line_no), _field(obj, response_field, file, line_no)))
+            where = f"{file}:{line_no}"
+            pairs.append((require_field(obj, prompt_field, where), require_field(obj, response_field, where)))
     if not pairs:
         raise ValueError(f"{path}: no instruction examples")
     if stats.skipped_non_utf8:
@@ -294,19 +319,6 @@ def tokenize_texts(texts: list[str], tokenizer_path, cache_dir=None, workers: in
     return tokens
 
 
-def atomic_write(path: Path, write):
-    """write(file_object) into a temp file beside `path`, then rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Training rows. An example is BOS + contextual prompt + text (+ EOS) with loss only on the text and EOS, i.e. the
 # CFT objective -sum_k log P(x_k | c, x_<k) (Choi et al., eq. 2). A document longer than the sequence is cut into
@@ -318,13 +330,13 @@ SOFT = -1
 
 
 @dataclass
-class Example:
+class TrainingExample:
     tokens: np.ndarray  # (L,) int32
     loss: np.ndarray  # (L,) bool: this token is a training target
 
 
 def document_examples(doc: np.ndarray, prompts: list[list[int]], row_len: int, bos_id: int, eos_id: int | None,
-                      rng: np.random.Generator, n_soft: int = 0) -> list[Example]:
+                      rng: np.random.Generator, n_soft: int = 0) -> list[TrainingExample]:
     """Chunks of one tokenized document, each [SOFT]*n_soft + BOS + prompt + chunk, at most row_len tokens.
     `prompts` is sampled per chunk (a single [] entry gives CPT; a single entry gives auto-CFT's per-document prompt)."""
     stream = np.append(doc, eos_id).astype(np.int32) if eos_id is not None else np.asarray(doc, np.int32)
@@ -341,18 +353,18 @@ def document_examples(doc: np.ndarray, prompts: list[list[int]], row_len: int, b
         tokens = np.concatenate([np.asarray(head, np.int32), chunk])
         loss = np.zeros(len(tokens), bool)
         loss[len(head):] = True
-        examples.append(Example(tokens, loss))
+        examples.append(TrainingExample(tokens, loss))
     return examples
 
 
 def instruction_example(prompt: list[int], response: list[int], bos_id: int, eos_id: int | None,
-                        n_soft: int = 0) -> Example:
+                        n_soft: int = 0) -> TrainingExample:
     """[SOFT]*n_soft + BOS + prompt + response + EOS, loss on the response and EOS only."""
     head = [SOFT] * n_soft + [bos_id] + list(prompt)
     tail = list(response) + ([eos_id] if eos_id is not None else [])
     loss = np.zeros(len(head) + len(tail), bool)
     loss[len(head):] = True
-    return Example(np.asarray(head + tail, np.int32), loss)
+    return TrainingExample(np.asarray(head + tail, np.int32), loss)
 
 
 @dataclass
@@ -379,7 +391,7 @@ class Rows:
         return Rows(self.tokens[index], self.loss[index], None if self.doc_ids is None else self.doc_ids[index])
 
 
-def make_rows(examples: list[Example], row_len: int, pad_id: int, pack: bool) -> Rows:
+def make_rows(examples: list[TrainingExample], row_len: int, pad_id: int, pack: bool) -> Rows:
     """One example per row (right-padded), or with pack=True greedily fill rows with consecutive examples and record
     which document each position belongs to, so the attention mask can stop attention across documents."""
     groups = []
@@ -475,108 +487,3 @@ def to_batch(rows: Rows, index, device) -> dict:
     batch = {"tokens": inputs.clamp(min=0), "targets": targets, "soft": soft if soft.any() else None,
              "doc_ids": None if rows.doc_ids is None else torch.from_numpy(rows.doc_ids[index][:, :-1]).long()}
     return {k: v if v is None else v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# A built-in domain the model cannot know: an invented pharmacology (drugs, the conditions they treat, their molecular
-# targets, doses, contraindications), rendered as textbook paragraphs with varied templates, and multiple-choice
-# questions about its facts. Everything is a function of the seed, so no data ships with the code.
-# Questions carry both a natural question (for instruction-tuned models) and a cloze stem: closed-book accuracy is
-# scored as in lm-evaluation-harness's multiple-choice tasks, by the log-likelihood of each option after the stem.
-
-_NAME_HEADS = ["vel", "cor", "tra", "zan", "mel", "dor", "fen", "lux", "quin", "ser", "bri", "nox", "pra", "kel", "sor",
-               "tal", "gav", "rim", "hol", "jur", "mab", "per", "dex", "lom"]
-_NAME_MIDS = ["a", "o", "i", "e", "u", "ar", "en", "ol"]
-_DRUG_TAILS = ["xamide", "trizol", "vastin", "fenac", "dronil", "pratide", "lumab", "sartil", "cyclin", "zepam"]
-_CONDITION_TAILS = ["itis", "osis", "emia", "algia", "opathy", "plasia"]
-_TARGET_TAILS = ["in receptor", "ase enzyme", "ulin channel", "ogen transporter"]
-_DOSES = [5, 10, 20, 25, 40, 50, 75, 100, 150, 200, 250, 400]
-_FREQUENCIES = ["once daily", "twice daily", "every eight hours", "once weekly"]
-
-
-@dataclass
-class Drug:
-    name: str
-    condition: str  # the condition it treats
-    target: str  # its molecular target
-    dose_mg: int
-    frequency: str
-    contraindication: str  # a condition in which it must not be given
-
-
-def _names(rng, n: int, tails: list[str], capitalize: bool) -> list[str]:
-    names = set()
-    while len(names) < n:
-        name = rng.choice(_NAME_HEADS) + rng.choice(_NAME_MIDS) + rng.choice(tails)
-        names.add(name.capitalize() if capitalize else name)
-    return sorted(names)
-
-
-def make_world(seed: int = 0, n_drugs: int = 24) -> list[Drug]:
-    rng = np.random.default_rng(seed)
-    names = rng.permutation(_names(rng, n_drugs, _DRUG_TAILS, True)).tolist()
-    conditions = rng.permutation(_names(rng, 2 * n_drugs, _CONDITION_TAILS, False)).tolist()
-    targets = rng.permutation(_names(rng, n_drugs, _TARGET_TAILS, False)).tolist()
-    treated, contra = conditions[:n_drugs], conditions[n_drugs:]
-    return [Drug(names[i], treated[i], targets[i], int(rng.choice(_DOSES)), str(rng.choice(_FREQUENCIES)), contra[i])
-            for i in range(n_drugs)]
-
-
-# Each fact has several phrasings; the first of each list is also the cloze stem of its question.
-_FACT_TEMPLATES = {
-    "condition": ["{name} is used to treat {condition}.", "{name} is indicated for the treatment of {condition}.",
-                  "Patients with {condition} are usually given {name}.", "{name} remains the drug of choice in {condition}.",
-                  "In clinical practice, {name} is prescribed for {condition}."],
-    "target": ["The molecular target of {name} is the {target}.", "{name} acts by blocking the {target}.",
-               "{name} binds tightly to the {target}.", "The effect of {name} comes from inhibition of the {target}."],
-    "dose": ["The standard adult dose of {name} is {dose_mg} mg {frequency}.",
-             "Adults take {dose_mg} mg of {name} {frequency}.", "{name} is given at {dose_mg} mg {frequency}."],
-    "contraindication": ["{name} must not be given to patients with {contraindication}.",
-                         "{name} is contraindicated in {contraindication}.",
-                         "Because of the risk of harm, {name} is avoided in {contraindication}."],
-}
-_FILLER = ["{name} was first described in the clinical literature several decades ago.",
-           "The pharmacology of {name} is covered in most modern textbooks.",
-           "Careful monitoring is advised during the first weeks of therapy with {name}.",
-           "{name} is available as tablets and as a solution for injection.",
-           "Several trials have examined {name} in adults and in older patients.",
-           "Like many drugs of its kind, {name} is cleared mainly by the kidneys."]
-_QUESTIONS = {"condition": "Which condition is {name} used to treat?",
-              "target": "What is the molecular target of {name}?",
-              "dose": "What is the standard adult dose of {name}?",
-              "contraindication": "In which condition must {name} not be given?"}
-
-
-def world_documents(drugs: list[Drug], seed: int = 0, per_drug: int = 6) -> list[str]:
-    """Textbook paragraphs: each states all facts of one drug in a random phrasing and order, with filler."""
-    rng = np.random.default_rng([seed, 1])
-    docs = []
-    for drug in drugs:
-        # Each phrasing of each fact appears at least once per drug (when per_drug >= the number of phrasings).
-        phrasings = [rng.permutation(t).tolist() for t in _FACT_TEMPLATES.values()]
-        for j in range(per_drug):
-            sentences = [p[j % len(p)].format(**vars(drug)) for p in phrasings]
-            sentences = rng.permutation(sentences).tolist()
-            sentences.insert(int(rng.integers(1, len(sentences) + 1)), str(rng.choice(_FILLER)).format(name=drug.name))
-            docs.append(" ".join(sentences))
-    order = rng.permutation(len(docs))
-    return [docs[i] for i in order]
-
-
-def world_questions(drugs: list[Drug], seed: int = 0) -> list[dict]:
-    """Four-option questions, one per drug and fact: {"question", "options", "answer" (index), "stem", "choices"};
-    stem + choices[i] is the cloze statement of option i (the first template of the fact, cut at the answer)."""
-    rng = np.random.default_rng([seed, 2])
-    questions = []
-    for drug in drugs:
-        for fact, templates in _FACT_TEMPLATES.items():
-            field = "dose_mg" if fact == "dose" else fact
-            unit = " mg" if fact == "dose" else ""
-            right = str(getattr(drug, field))
-            wrong = sorted({str(getattr(d, field)) for d in drugs} - {right})
-            options = rng.permutation([right] + rng.choice(wrong, 3, replace=False).tolist()).tolist()
-            stem = templates[0].split("{" + field + "}")[0].format(**vars(drug)).rstrip()
-            questions.append({"question": _QUESTIONS[fact].format(name=drug.name),
-                              "options": [o + unit for o in options], "answer": options.index(right),
-                              "stem": stem, "choices": [" " + o + unit for o in options]})
-    return questions

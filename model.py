@@ -1,21 +1,19 @@
 """A from-scratch Llama (Llama-2 layout) in plain PyTorch, exact against Hugging Face checkpoints.
 
 Read top to bottom: config -> the attention mask description -> the one attention function -> the model
-(RMSNorm, rotary embeddings, attention, SwiGLU MLP, blocks) -> KV cache and generation -> checkpoint I/O -> LoRA -> CLI.
+(RMSNorm, rotary embeddings, attention, SwiGLU MLP, blocks, output projection and loss) -> KV cache, prefill and
+generation -> CLI. Hugging Face checkpoint folders are read and written by hf_checkpoint.py, LoRA lives in lora.py.
 
 Conventions that matter for exactness:
 - Rotary embeddings use the Hugging Face "rotate-half" layout. HF checkpoints store q_proj/k_proj rows permuted for
   it (Meta's original weights interleave the pairs), so HF weights load here unchanged.
 - Parameter names equal Hugging Face's minus the leading "model.", so loading and saving is a rename, not a remap.
-- Models are built on the meta device (no memory), then `to_empty()` + `init_weights()` or `load_pretrained()`:
+- Models are built on the meta device (no memory), then `to_empty()` + `init_weights()` or `hf_checkpoint.load_weights()`:
   a 70B model can be created instantly and sharded before any memory is used (torchtitan's habit).
 """
 import argparse
 import json
-import math
-import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,9 +51,9 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset '{name}'; choose from {', '.join(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset '{name}'; choose from {', '.join(MODEL_PRESETS)}")
+        return replace(MODEL_PRESETS[name], **overrides)
 
     @classmethod
     def from_hf(cls, path) -> "ModelConfig":
@@ -102,17 +100,25 @@ class ModelConfig:
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token for MFU: 6N for the matmuls + 12·layers·dim·seq for attention (PaLM appendix B).
-        N leaves out the input embedding, a lookup and no matmul (unless tied: then it is the output projection);
-        this is the convention behind the CFT issue's figure for transformers (33.3k tokens/s = 40.8% of 989 TFLOP/s
-        for 8 llama2-7b layers at sequence 4096)."""
+        N leaves out the input embedding, a lookup and no matmul (unless tied: then it is the output projection), as
+        PaLM's and Megatron's MFU figures do; BENCHMARKS.md measures transformers' LlamaForCausalLM the same way."""
         input_embedding = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return 6 * (self.num_params() - input_embedding) + 12 * self.n_layers * self.dim * seq_len
+
+
+# One spelling of precision for every script's --precision: the weights' dtype for inference; for training, the
+# compute dtype (bf16: autocast or FSDP's MixedPrecisionPolicy over fp32 master weights).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_precision(device) -> str:
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
 _llama2_7b = ModelConfig()
 _llama2_13b = ModelConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824)
 _llama2_70b = ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672)
-PRESETS = {
+MODEL_PRESETS = {
     "llama2-7b": _llama2_7b, "llama2-7b-chat": _llama2_7b,
     "llama2-13b": _llama2_13b, "llama2-13b-chat": _llama2_13b,
     "llama2-70b": _llama2_70b, "llama2-70b-chat": _llama2_70b,
@@ -125,9 +131,9 @@ PRESETS = {
 # The attention mask: a compact description, turned into a kernel mask inside `attention` only.
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionMask:
-    """Who may attend to whom.
+    """Who may attend to whom: the caller's description, never modified (a forward derives a MaskLayout from it).
 
     Key index space, per batch row: [P prefix positions (prefix_kv) | cached tokens | this call's tokens].
     Query t's own key index is P + query_offset + t. Attention is always causal; on top of that:
@@ -139,31 +145,38 @@ class AttentionMask:
                                no attention across documents; prefix keys are shared by every document.
       pad_left    (B,) long    left-padding tokens at the start of row b's own keys (batched generation); they are
                                invisible, and a padding query sees only itself so that no row is empty.
-    prefix_len and query_offset are filled in by Transformer.forward (from prefix_kv and the KV cache).
     """
     hidden_span: torch.Tensor | None = None
     dropped: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
     pad_left: torch.Tensor | None = None
-    prefix_len: int = 0
-    query_offset: int = 0
-    _built: dict = field(default_factory=dict, repr=False, compare=False)  # block masks, built once per forward
 
     def varies_by_row(self) -> bool:
         return any(t is not None for t in (self.hidden_span, self.dropped, self.doc_ids, self.pad_left))
 
+
+@dataclass
+class MaskLayout:
+    """What the attention kernel needs for one forward pass: the caller's mask, where the keys sit (P prefix positions,
+    then query_offset cached ones), and the FlexAttention block masks built for it (once per forward, shared by every
+    layer). Made by Transformer.hidden_states (or a test/benchmark calling `attention` directly)."""
+    mask: AttentionMask = field(default_factory=AttentionMask)
+    prefix_len: int = 0
+    query_offset: int = 0
+    block_masks: dict = field(default_factory=dict, repr=False)
+
     def is_plain_causal(self) -> bool:
-        return self.prefix_len == 0 and self.query_offset == 0 and not self.varies_by_row()
+        return self.prefix_len == 0 and self.query_offset == 0 and not self.mask.varies_by_row()
 
 
-def allowed(mask: AttentionMask, b, q_idx, kv_idx):
+def allowed(layout: MaskLayout, b, q_idx, kv_idx):
     """THE mask rule: may query q_idx of row b attend to key kv_idx? Broadcasting integer tensors in, bool out.
 
     The same function builds the dense mask of the exact path and is FlexAttention's mask_mod on CUDA, so the two
     paths cannot disagree about the rule.
     """
-    P = mask.prefix_len
-    q_key = P + mask.query_offset + q_idx  # the query's own key index
+    mask, P = layout.mask, layout.prefix_len
+    q_key = P + layout.query_offset + q_idx  # the query's own key index
     is_self = kv_idx == q_key
     ok = kv_idx <= q_key  # causal; prefix keys (kv_idx < P) always pass
     if mask.pad_left is not None:
@@ -183,12 +196,12 @@ def allowed(mask: AttentionMask, b, q_idx, kv_idx):
     return ok
 
 
-def dense_mask(mask: AttentionMask, batch: int, n_queries: int, n_keys: int, device=None) -> torch.Tensor:
+def dense_mask(layout: MaskLayout, batch: int, n_queries: int, n_keys: int, device=None) -> torch.Tensor:
     """(batch, 1, n_queries, n_keys) bool, True = may attend. Exact path only (memory grows as queries x keys)."""
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
     q = torch.arange(n_queries, device=device).view(1, 1, -1, 1)
     kv = torch.arange(n_keys, device=device).view(1, 1, 1, -1)
-    return allowed(mask, b, q, kv).expand(batch, 1, n_queries, n_keys)
+    return allowed(layout, b, q, kv).expand(batch, 1, n_queries, n_keys)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -208,14 +221,15 @@ def _compiled_flex():
     return _flex_attention
 
 
-def _block_mask(mask: AttentionMask, key, mask_mod, batch, n_queries, n_keys, device):
-    # Built once per forward and shared by every layer (the description object lives for one forward).
-    if key not in mask._built:
+def _block_mask(layout: MaskLayout, key, mask_mod, batch, n_queries, n_keys, device):
+    # Built once per forward and shared by every layer (the layout lives for one forward).
+    if key not in layout.block_masks:
         from torch.nn.attention.flex_attention import create_block_mask
         with warnings.catch_warnings():  # _compile=True: evaluate the rule block-wise, never as a dense Q x K tensor
             warnings.simplefilter("ignore", DeprecationWarning)
-            mask._built[key] = create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device, _compile=True)
-    return mask._built[key]
+            layout.block_masks[key] = create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device,
+                                                        _compile=True)
+    return layout.block_masks[key]
 
 
 def prepend_prefix(k, v, prefix):
@@ -227,8 +241,8 @@ def prepend_prefix(k, v, prefix):
             torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2))
 
 
-def attention(q, k, v, mask: AttentionMask, prefix=None):
-    """Scaled dot-product attention under an AttentionMask description.
+def attention(q, k, v, layout: MaskLayout, prefix=None):
+    """Scaled dot-product attention under a mask layout (an AttentionMask placed in key space).
 
     q (B, H, T, D); k, v (B, Hkv, S, D): the row's own keys (cached + this call), already rotated;
     prefix: (k, v) each (1 or B, Hkv, P, D); batch 1 is shared by every row and never copied per row on CUDA.
@@ -236,10 +250,10 @@ def attention(q, k, v, mask: AttentionMask, prefix=None):
     """
     B, H, T, D = q.shape
     P = 0 if prefix is None else prefix[0].shape[2]
-    if P != mask.prefix_len:
-        raise ValueError(f"attention: prefix has {P} positions but the mask describes {mask.prefix_len}")
+    if P != layout.prefix_len:
+        raise ValueError(f"attention: prefix has {P} positions but the layout describes {layout.prefix_len}")
     gqa = H != k.shape[1]
-    if mask.is_plain_causal():  # the common training case: SDPA picks its fastest causal kernel (flash/cuDNN)
+    if layout.is_plain_causal():  # the common training case: SDPA picks its fastest causal kernel (flash/cuDNN)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     shared_prefix = prefix is not None and prefix[0].shape[0] == 1 and B > 1
     if q.device.type != "cuda" or (B * T if shared_prefix else T) < 128:
@@ -247,29 +261,29 @@ def attention(q, k, v, mask: AttentionMask, prefix=None):
         # pairs), where FlexAttention switches to a decoding kernel that fails to compile for some shapes (torch 2.11)
         # and the dense mask is small anyway (under 128 x keys per row).
         k, v = prepend_prefix(k, v, prefix)
-        keep = dense_mask(mask, B, T, k.shape[2], q.device)
+        keep = dense_mask(layout, B, T, k.shape[2], q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
-    return _flex(q, k, v, mask, prefix, gqa)
+    return _flex(q, k, v, layout, prefix, gqa)
 
 
-def folded_rule(mask: AttentionMask, n_queries: int, n_own_keys: int):
+def folded_rule(layout: MaskLayout, n_queries: int, n_own_keys: int):
     """`allowed` for a batch folded into one sequence: query qi = row * n_queries + t, key ki < P is the shared prefix,
     key P + row * n_own_keys + j is row's own key j. Rows never see each other's own keys."""
-    P = mask.prefix_len
+    P = layout.prefix_len
 
     def mask_mod(_b, _h, qi, ki):
         row, t = qi // n_queries, qi % n_queries
         j = (ki - P).clamp(min=0)
         key_in_row = torch.where(ki < P, ki, P + j % n_own_keys)
-        return ((ki < P) | (j // n_own_keys == row)) & allowed(mask, row, t, key_in_row)
+        return ((ki < P) | (j // n_own_keys == row)) & allowed(layout, row, t, key_in_row)
     return mask_mod
 
 
-def _flex(q, k, v, mask, prefix, gqa):
+def _flex(q, k, v, layout: MaskLayout, prefix, gqa):
     """FlexAttention with a block mask: memory grows with the number of 128x128 blocks, not queries x keys."""
     B, H, T, D = q.shape
     S = k.shape[2]
-    P = mask.prefix_len
+    P = layout.prefix_len
     flex = _compiled_flex()
     if prefix is not None and prefix[0].shape[0] == 1 and B > 1:
         # Shared prefix: fold the batch into the sequence axis, so the prefix is stored once:
@@ -277,13 +291,13 @@ def _flex(q, k, v, mask, prefix, gqa):
         fold = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], -1, D)  # (B, h, n, D) -> (1, h, B*n, D)
         keys = torch.cat([prefix[0], fold(k)], dim=2)
         values = torch.cat([prefix[1], fold(v)], dim=2)
-        block_mask = _block_mask(mask, ("folded", B, T, S), folded_rule(mask, T, S), 1, B * T, P + B * S, q.device)
+        block_mask = _block_mask(layout, ("folded", B, T, S), folded_rule(layout, T, S), 1, B * T, P + B * S, q.device)
         out = flex(fold(q), keys, values, block_mask=block_mask, enable_gqa=gqa)
         return out.view(H, B, T, D).transpose(0, 1)
     k, v = prepend_prefix(k, v, prefix)
-    mask_mod = lambda b, _h, qi, ki: allowed(mask, b, qi, ki)
-    rows = B if mask.varies_by_row() else None  # None: one block mask broadcast over the batch
-    block_mask = _block_mask(mask, ("plain", rows, T, k.shape[2]), mask_mod, rows, T, k.shape[2], q.device)
+    mask_mod = lambda b, _h, qi, ki: allowed(layout, b, qi, ki)
+    rows = B if layout.mask.varies_by_row() else None  # None: one block mask broadcast over the batch
+    block_mask = _block_mask(layout, ("plain", rows, T, k.shape[2]), mask_mod, rows, T, k.shape[2], q.device)
     return flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
@@ -330,7 +344,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, prefix=None, cache=None, layer_idx=0):
+    def forward(self, x, cos, sin, layout: MaskLayout, prefix=None, cache=None, layer_idx=0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -338,7 +352,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        out = attention(q, k, v, mask, prefix)
+        out = attention(q, k, v, layout, prefix)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -361,8 +375,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, prefix=None, cache=None, layer_idx=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, cache, layer_idx)
+    def forward(self, x, cos, sin, layout: MaskLayout, prefix=None, cache=None, layer_idx=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, prefix, cache, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -385,8 +399,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-            elif isinstance(module, LoRALinear):
-                module.reset_adapter()
+            elif hasattr(module, "lora_a"):  # lora.LoRALinear: A random, B zero (its own init)
+                module.init_weights()
         return self
 
     def hidden_states(self, tokens=None, *, embeds=None, positions=None, mask=None, prefix_kv=None, cache=None):
@@ -397,17 +411,29 @@ class Transformer(nn.Module):
         B, T = x.shape[:2]
         P = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
         offset = 0 if cache is None else cache.length
-        mask = replace(mask or AttentionMask(), prefix_len=P, query_offset=offset, _built={})
+        layout = MaskLayout(mask or AttentionMask(), prefix_len=P, query_offset=offset)
         if positions is None:
             positions = torch.arange(P + offset, P + offset + T, device=x.device)
-            if mask.pad_left is not None:  # each row's first real token sits at position P
-                positions = (positions[None] - mask.pad_left[:, None].to(x.device)).clamp(min=0)
+            if layout.mask.pad_left is not None:  # each row's first real token sits at position P
+                positions = (positions[None] - layout.mask.pad_left[:, None].to(x.device)).clamp(min=0)
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if prefix_kv is None else prefix_kv[i], cache, i)
+            x = layer(x, cos, sin, layout, None if prefix_kv is None else prefix_kv[i], cache, i)
         if cache is not None:
             cache.length += T
         return self.norm(x)
+
+    def logits(self, hidden):
+        """Hidden states (..., dim) -> logits (..., vocab): the output projection, which tied models read from the
+        embedding table."""
+        return F.linear(hidden, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(hidden)
+
+    def loss(self, hidden, targets, reduction: str = "sum"):
+        """Next-token cross-entropy of hidden states (B, T, dim) against targets (B, T) (-100 = no loss), in fp32.
+        reduction "sum" (training divides by the global token count itself) or "none" ((B, T), 0 where ignored)."""
+        logits = self.logits(hidden).float()
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
+        return losses if reduction == "sum" else losses.view(targets.shape)
 
     def forward(self, tokens=None, *, embeds=None, positions=None, mask=None, prefix_kv=None, cache=None):
         """Logits (B, T, vocab).
@@ -417,8 +443,8 @@ class Transformer(nn.Module):
         mask: AttentionMask (None = plain causal); prefix_kv: per layer (k, v), each (1 or B, Hkv, P, head_dim) with
         keys already rotated for positions 0..P-1 (CT-KV, prefix tuning); cache: KVCache, appended in place.
         """
-        h = self.hidden_states(tokens, embeds=embeds, positions=positions, mask=mask, prefix_kv=prefix_kv, cache=cache)
-        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return self.logits(self.hidden_states(tokens, embeds=embeds, positions=positions, mask=mask,
+                                              prefix_kv=prefix_kv, cache=cache))
 
 
 def create_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int | None = None) -> Transformer:
@@ -456,6 +482,19 @@ class KVCache:
     def prefix(self):
         """The cached positions as a prefix_kv argument: list over layers of (k, v)."""
         return [(k[:, :, :self.length], v[:, :, :self.length]) for k, v in zip(self.k, self.v)]
+
+
+@torch.no_grad()
+def prefill(model: "Transformer", tokens=None, *, embeds=None):
+    """The one prefill: every layer's (k, v) over a context of tokens (B, P) or embeddings (B, P, dim), keys rotated
+    for positions 0..P-1, in the model's dtype: the `prefix_kv` after which later calls start at position P (CT-KV's
+    initial cache, an evaluation group's shared few-shot prefix). None for an empty context."""
+    x = model.embed_tokens(tokens) if embeds is None else embeds.to(model.embed_tokens.weight.dtype)
+    if x.shape[1] == 0:
+        return None
+    cache = KVCache(model.cfg, x.shape[0], x.shape[1], x.device, x.dtype)
+    model.hidden_states(embeds=x, cache=cache)
+    return cache.prefix()
 
 
 def sample_next(logits, temperature: float = 0.0, top_p: float = 1.0, generator=None):
@@ -509,205 +548,13 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature=0.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: Hugging Face folders (config.json + model.safetensors, or shards + model.safetensors.index.json)
-
-SHARD_BYTES = 5 * 1000**3  # the 5 GB shard size that transformers writes by default
-
-
-def hf_key(name: str) -> str:
-    return name if name.startswith("lm_head.") else "model." + name
-
-
-def checkpoint_files(path) -> list[Path]:
-    """The safetensors files of a HF folder; a missing shard is an error naming it."""
-    path = Path(path)
-    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a safetensors index (no weight_map: {e})") from None
-        for name in names:
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name}: shard listed in {index.name} is missing")
-        return [path / name for name in names]
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def _copy_into(target: torch.Tensor, sliced) -> None:
-    """Copy one checkpoint tensor (a safetensors slice, read lazily) into a parameter, plain or FSDP2-sharded."""
-    from torch.distributed.tensor import DTensor, Shard
-    if isinstance(target, DTensor):
-        # FSDP2 shards dim 0 as torch.chunk does: rank r holds rows [r*ceil(n/W), ...). Read only those rows.
-        if list(target.placements) != [Shard(0)]:
-            raise ValueError(f"load: unsupported placements {target.placements}")
-        local = target.to_local()
-        rows_per_rank = math.ceil(target.shape[0] / target.device_mesh.size())
-        start = target.device_mesh.get_local_rank() * rows_per_rank
-        if local.shape[0]:
-            local.copy_(sliced[start:start + local.shape[0]])
-    else:
-        target.copy_(sliced[:])
-
-
-@torch.no_grad()
-def load_weights(model: Transformer, path) -> None:
-    """Stream a HF checkpoint into `model`, one tensor at a time (peak host memory ~ one tensor)."""
-    from safetensors import SafetensorError, safe_open
-    params = model.state_dict(keep_vars=True)
-    if any(".base." in name for name in params):
-        raise ValueError("load: apply LoRA after loading the base weights")
-    expected = {hf_key(name): name for name in params}
-    seen = set()
-    for file in checkpoint_files(path):
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq"):  # older checkpoints store the rotary table; we compute it
-                        continue
-                    if key not in expected:
-                        raise ValueError(f"{file}: unexpected tensor {key} (not part of a Llama with this config.json)")
-                    target, sliced = params[expected[key]], f.get_slice(key)
-                    if tuple(sliced.get_shape()) != tuple(target.shape):
-                        raise ValueError(f"{file}: tensor {key} has shape {tuple(sliced.get_shape())}, "
-                                         f"config.json implies {tuple(target.shape)}")
-                    _copy_into(target, sliced)
-                    seen.add(key)
-        except SafetensorError as e:
-            raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise ValueError(f"{path}: checkpoint has no tensor {missing[0]}" + (f" (and {len(missing) - 1} more)"
-                                                                            if len(missing) > 1 else ""))
-
-
-def load_pretrained(path, device="cpu", dtype=torch.float32) -> Transformer:
-    """A Transformer with the weights of a Hugging Face Llama folder."""
-    cfg = ModelConfig.from_hf(path)
-    with torch.device("meta"):
-        model = Transformer(cfg).to(dtype)
-    model.to_empty(device=device)
-    load_weights(model, path)
-    return model
-
-
-@torch.no_grad()
-def save_pretrained(model: Transformer, path, dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES):
-    """Write a HF Llama folder that transformers and vLLM load unchanged. Works on FSDP2-sharded models when called
-    on every rank (each tensor is gathered in turn; rank 0 writes). Written into a temporary folder first and renamed,
-    so an interrupted save never leaves a half-written checkpoint at `path`; an existing non-empty `path` is refused."""
-    from safetensors.torch import save_file
-    from torch.distributed.tensor import DTensor
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not empty; refusing to overwrite it")
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("save_pretrained: merge_lora(model) first (the HF layout has no adapters)")
-    is_writer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    dtype = dtype or next(model.parameters()).dtype
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) if is_writer else None
-    if is_writer:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    shards, current, current_bytes = [], {}, 0
-
-    def flush():
-        nonlocal current, current_bytes
-        if current:
-            shards.append(current)
-            if is_writer:
-                save_file(current, tmp / f"shard-{len(shards)}.safetensors", metadata={"format": "pt"})
-            current, current_bytes = {}, 0
-
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        tensor = tensor.detach().to("cpu", dtype).contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and current_bytes + nbytes > shard_bytes:
-            flush()
-        current[hf_key(name)] = tensor if is_writer else None
-        current_bytes += nbytes
-    flush()
-    if not is_writer:
-        return
-    (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf_dict(dtype), indent=2))
-    if len(shards) == 1:
-        os.rename(tmp / "shard-1.safetensors", tmp / "model.safetensors")
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            os.rename(tmp / f"shard-{i}.safetensors", tmp / name)
-            weight_map.update({key: name for key in shard})
-        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    if path.exists():
-        path.rmdir()  # empty (checked above)
-    os.rename(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# LoRA (Hu et al. 2021), hand-written: W x + (alpha / r) B A x, with B = 0 at the start so training starts at W.
-
-
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.scale = alpha / rank
-        w = base.weight
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, device=w.device, dtype=w.dtype))
-        self.reset_adapter()
-
-    @torch.no_grad()
-    def reset_adapter(self):
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's default init, as PEFT uses for A
-        nn.init.zeros_(self.lora_b)
-
-    def forward(self, x):
-        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
-
-
-def _lora_targets(model, targets):
-    found = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if name in targets and isinstance(child, nn.Linear)]
-    if not found:
-        raise ValueError(f"apply_lora: no linear layer named any of {targets}")
-    return found
-
-
-def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0,
-               targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> nn.Module:
-    """Wrap the named linear layers with LoRA adapters; afterwards only the adapters are trainable."""
-    for parent, name in _lora_targets(model, targets):
-        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
-    for name, p in model.named_parameters():
-        p.requires_grad = ".lora_" in name
-    return model
-
-
-@torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (W += scale * B A) and remove the wrappers."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear):
-                child.base.weight += (child.lora_b.float() @ child.lora_a.float() * child.scale).to(child.base.weight.dtype)
-                setattr(parent, name, child.base)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # CLI: `python model.py --model tiny` (random weights) or `--checkpoint DIR --tokenizer FILE --prompt "..."`
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="tiny", help=f"preset when no --checkpoint: {', '.join(PRESETS)}")
+    parser.add_argument("--model", default="tiny", help=f"preset when no --checkpoint: {', '.join(MODEL_PRESETS)}")
     parser.add_argument("--checkpoint", help="Hugging Face Llama folder (config.json + safetensors)")
     parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model (needed for --prompt)")
     parser.add_argument("--prompt", default="The patient presented with", help="text to continue")
@@ -716,13 +563,13 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                        choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--precision", choices=list(PRECISIONS), help="weights' dtype (default bf16 on CUDA, else fp32)")
     args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
+    dtype = PRECISIONS[args.precision or default_precision(args.device)]
     torch.manual_seed(args.seed)
     try:
         if args.checkpoint:
+            from hf_checkpoint import load_pretrained  # below model.py's classes: imported when the CLI needs it
             model = load_pretrained(args.checkpoint, args.device, dtype)
         else:
             cfg = ModelConfig.from_name(args.model)

@@ -1,0 +1,85 @@
+"""Atomic writes: a file or a whole folder the project writes appears complete or not at all.
+
+Both write beside the target (same file system) and rename at the end, so a reader, or a run resumed after a kill,
+never sees a half-written result. Replacing an existing folder takes two renames (old -> PATH.old, new -> PATH); a
+kill between them leaves PATH.old, which `finished_folder` still finds.
+"""
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def atomic_write(path, write) -> None:
+    """write(binary file object) into a temporary file beside `path`, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the user's umask decides, as for open()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def staging_folder(path) -> Path:
+    """A fresh, empty PATH's staging folder (.NAME.tmp beside it; a leftover of an interrupted write is removed).
+    Its name is fixed so that every process of a distributed save writes into the same folder."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_folder(path, replace: bool = False) -> Path:
+    """Rename PATH's staging folder to PATH. An existing PATH is refused unless `replace` (then it is swapped out
+    through PATH.old, removed last)."""
+    path = Path(path)
+    tmp, old = path.parent / f".{path.name}.tmp", path.parent / f"{path.name}.old"
+    if path.exists():
+        if not replace:
+            raise FileExistsError(f"{path} exists; refusing to overwrite it")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+@contextmanager
+def atomic_folder(path, replace: bool = False):
+    """with atomic_folder(PATH) as tmp: write files into tmp; PATH appears whole when the block ends without error
+    (on error the staging folder is removed and PATH is untouched)."""
+    tmp = staging_folder(path)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_folder(path, replace)
+
+
+def finished_folder(path, required: str) -> Path | None:
+    """PATH if it holds `required`, else PATH.old if a replacement was interrupted between its two renames."""
+    path = Path(path)
+    for candidate in (path, path.parent / f"{path.name}.old"):
+        if (candidate / required).is_file():
+            return candidate
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
