@@ -1,59 +1,17 @@
-"""model.py: exactness against transformers, the mask rule against a naive reference, cache, LoRA, bad input."""
+"""model.py: the mask rule against a naive reference, forward variants (prefix KV, cache, generation), presets, the
+output projection and loss, and the generation CLI."""
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import LLAMA_TOKENIZER, ROOT, tiny_cfg
 
-from model import (AttentionMask, KVCache, ModelConfig, Transformer, apply_lora, attention, create_model, dense_mask,
-                   folded_rule, generate, load_pretrained, merge_lora, save_pretrained)
-
-transformers = pytest.importorskip("transformers")
-
-
-def hf_model(cfg: ModelConfig, seed=0):
-    torch.manual_seed(seed)
-    fields = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")}
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
-    with torch.no_grad():  # HF initialises norms to 1; randomise them so a swapped norm weight cannot hide
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.1)
-    return model
-
-
-CONFIGS = {"mha": tiny_cfg(n_kv_heads=4), "gqa": tiny_cfg(), "tied": tiny_cfg(tie_embeddings=True)}
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("shard", ["none", "sharded"])
-def test_logits_match_transformers(tmp_path, name, shard):
-    cfg = CONFIGS[name]
-    reference = hf_model(cfg)
-    reference.save_pretrained(tmp_path, max_shard_size="60KB" if shard == "sharded" else "5GB")
-    assert (tmp_path / "model.safetensors.index.json").exists() == (shard == "sharded")
-    ours = load_pretrained(tmp_path).eval()
-    tokens = torch.randint(0, cfg.vocab_size, (2, 23))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(tokens), reference(tokens).logits, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("shard_bytes", [10**10, 50_000])
-def test_save_pretrained_loads_in_transformers(tmp_path, shard_bytes):
-    cfg = tiny_cfg()
-    ours = create_model(cfg, seed=1).eval()
-    save_pretrained(ours, tmp_path / "out", shard_bytes=shard_bytes)
-    assert (tmp_path / "out" / "model.safetensors.index.json").exists() == (shard_bytes < 10**10)
-    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
-    tokens = torch.randint(0, cfg.vocab_size, (2, 19))
-    with torch.no_grad():
-        torch.testing.assert_close(reference(tokens).logits, ours(tokens), atol=1e-4, rtol=0)
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        save_pretrained(ours, tmp_path / "out")
+from hf_checkpoint import save_pretrained
+from model import (AttentionMask, KVCache, MaskLayout, ModelConfig, Transformer, attention, create_model, dense_mask,
+                   folded_rule, generate, prefill)
 
 
 def test_llama2_7b_preset_builds_on_meta():
@@ -67,6 +25,49 @@ def test_llama2_7b_preset_builds_on_meta():
         with torch.device("meta"):
             assert sum(p.numel() for p in Transformer(ModelConfig.from_name(name)).parameters()) == \
                 ModelConfig.from_name(name).num_params()
+
+
+def test_caller_mask_is_never_modified_by_a_forward():
+    cfg = tiny_cfg()
+    model = create_model(cfg, seed=0).eval()
+    mask = AttentionMask(doc_ids=torch.tensor([[0, 0, 1, 1, 1]]))
+    before = repr(mask)
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (1, 5)), mask=mask)
+    assert repr(mask) == before
+    with pytest.raises(Exception):  # frozen: a forward cannot write into it either
+        mask.doc_ids = None
+
+
+def test_logits_and_loss_are_the_output_projection_and_cross_entropy():
+    for cfg in (tiny_cfg(), tiny_cfg(tie_embeddings=True)):
+        model = create_model(cfg, seed=0).eval()
+        tokens = torch.randint(0, cfg.vocab_size, (2, 7))
+        targets = torch.randint(0, cfg.vocab_size, (2, 7))
+        targets[0, :3] = -100
+        with torch.no_grad():
+            hidden = model.hidden_states(tokens)
+            weight = model.embed_tokens.weight if cfg.tie_embeddings else model.lm_head.weight
+            torch.testing.assert_close(model.logits(hidden), hidden @ weight.T)
+            reference = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), reduction="none")
+            per_token = model.loss(hidden, targets, reduction="none")
+            assert per_token.shape == targets.shape and torch.all(per_token[0, :3] == 0)
+            torch.testing.assert_close(per_token.flatten(), reference)
+            torch.testing.assert_close(model.loss(hidden, targets), reference.sum())
+
+
+def test_prefill_equals_the_cached_prefix():
+    cfg = tiny_cfg()
+    model = create_model(cfg, seed=0).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        cache = KVCache(cfg, 1, 9)
+        model(tokens, cache=cache)
+        for (k, v), (ck, cv) in zip(prefill(model, tokens), cache.prefix()):
+            assert torch.equal(k, ck) and torch.equal(v, cv)
+        from_embeds = prefill(model, embeds=model.embed_tokens(tokens))
+    assert torch.equal(from_embeds[0][0], cache.prefix()[0][0])
+    assert prefill(model, tokens[:, :0]) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -128,8 +129,7 @@ def test_attention_equals_naive_reference(case):
     prefix = None
     if P:
         prefix = tuple(torch.randn(1, Hkv, P, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    mask = AttentionMask(prefix_len=P, **fields)
-    out = attention(q, k, v, mask, prefix)
+    out = attention(q, k, v, MaskLayout(AttentionMask(**fields), prefix_len=P), prefix)
     keep = naive_keep(B, T, P, T, **fields)
     k_all = k if prefix is None else torch.cat([prefix[0].expand(B, -1, -1, -1), k], 2)
     v_all = v if prefix is None else torch.cat([prefix[1].expand(B, -1, -1, -1), v], 2)
@@ -147,8 +147,8 @@ def test_leave_one_out_gradient_is_exactly_zero_on_hidden_span():
     B, H, T, D, P = 2, 2, 4, 8, 6
     prefix = [torch.randn(1, H, P, D, requires_grad=True) for _ in range(2)]
     q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
-    mask = AttentionMask(prefix_len=P, hidden_span=torch.tensor([[0, 3], [3, 6]]))
-    out = attention(q, k, v, mask, prefix)
+    layout = MaskLayout(AttentionMask(hidden_span=torch.tensor([[0, 3], [3, 6]])), prefix_len=P)
+    out = attention(q, k, v, layout, prefix)
     grad_k, _ = torch.autograd.grad(out[0].sum(), prefix)  # row 0 hides prefix positions 0..2
     assert torch.all(grad_k[:, :, :3] == 0) and torch.all(grad_k[:, :, 3:].abs().sum((0, 1, 3)) > 0)
 
@@ -156,12 +156,13 @@ def test_leave_one_out_gradient_is_exactly_zero_on_hidden_span():
 def test_folded_rule_equals_per_row_rule():
     """The CUDA path folds a shared-prefix batch into one sequence; its mask must be the per-row mask, rearranged."""
     B, T, S, P = 3, 4, 6, 5
-    mask = AttentionMask(prefix_len=P, query_offset=S - T, hidden_span=torch.tensor([[0, 2], [2, 4], [4, 5]]),
-                         dropped=torch.rand(B, P) < 0.3, pad_left=torch.tensor([0, 1, 2]))
-    per_row = dense_mask(mask, B, T, P + S)[:, 0]  # (B, T, P + S)
+    mask = AttentionMask(hidden_span=torch.tensor([[0, 2], [2, 4], [4, 5]]), dropped=torch.rand(B, P) < 0.3,
+                         pad_left=torch.tensor([0, 1, 2]))
+    layout = MaskLayout(mask, prefix_len=P, query_offset=S - T)
+    per_row = dense_mask(layout, B, T, P + S)[:, 0]  # (B, T, P + S)
     qi = torch.arange(B * T).view(-1, 1)
     ki = torch.arange(P + B * S).view(1, -1)
-    folded = folded_rule(mask, T, S)(0, 0, qi, ki).view(B, T, P + B * S)
+    folded = folded_rule(layout, T, S)(0, 0, qi, ki).view(B, T, P + B * S)
     for b in range(B):
         own = slice(P + b * S, P + (b + 1) * S)
         assert torch.equal(folded[b, :, :P], per_row[b, :, :P])
@@ -221,32 +222,6 @@ def test_generate_stops_at_eos_and_samples_reproducibly():
                            generator=torch.Generator().manual_seed(3))
     assert run() == run()
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# LoRA
-
-
-def test_lora_trains_only_adapters_and_merges_exactly():
-    cfg = tiny_cfg()
-    model = create_model(cfg, seed=0).eval()
-    tokens = torch.randint(0, cfg.vocab_size, (2, 10))
-    before = model(tokens).detach()
-    apply_lora(model, rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_" in n for n in trainable)
-    assert len(trainable) == 2 * 3 * cfg.n_layers
-    torch.testing.assert_close(model(tokens), before)  # B = 0 at the start
-    model(tokens).sum().backward()
-    assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_b" in n:
-                p.normal_(0, 0.1)
-    adapted = model(tokens).detach()
-    assert not torch.allclose(adapted, before)
-    merge_lora(model)
-    assert not any(".lora_" in n for n, _ in model.named_parameters())
-    torch.testing.assert_close(model(tokens), adapted, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
