@@ -61,13 +61,15 @@ def commit_folder(path, replace: bool = False) -> Path:
 def atomic_folder(path, replace: bool = False):
     """with atomic_folder(PATH) as tmp: write files into tmp; PATH appears whole when the block ends without error
     (on error the staging folder is removed and PATH is untouched)."""
+    if Path(path).exists() and not replace:  # refused before anything is written
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
     tmp = staging_folder(path)
     try:
         yield tmp
+        commit_folder(path, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    commit_folder(path, replace)
 
 
 def finished_folder(path, required: str) -> Path | None:

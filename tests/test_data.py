@@ -1,4 +1,4 @@
-"""data.py: prompts, corpus readers, tokenization cache, prompt + chunk rows, packing, sampler, fictional domain."""
+"""data.py: prompts, corpus readers, tokenization cache, prompt + chunk rows, packing, sampler, tokenizer rule."""
 import gzip
 import json
 
@@ -92,8 +92,8 @@ def test_instruction_examples_train_on_the_response_only():
 
 
 def test_mix_rows_reaches_the_ratio():
-    main = data.make_rows([data.Example(np.array([BOS, 5, 6], np.int32), np.array([0, 1, 1], bool))] * 30, 8, PAD, False)
-    extra = data.make_rows([data.Example(np.array([BOS, 9], np.int32), np.array([0, 1], bool))] * 4, 8, PAD, False)
+    main = data.make_rows([data.TrainingExample(np.array([BOS, 5, 6], np.int32), np.array([0, 1, 1], bool))] * 30, 8, PAD, False)
+    extra = data.make_rows([data.TrainingExample(np.array([BOS, 9], np.int32), np.array([0, 1], bool))] * 4, 8, PAD, False)
     mixed = data.mix_rows(main, extra, 0.25, seed=0)
     assert len(mixed) == 40 and (mixed.tokens[:, 1] == 9).sum() == 10
 
@@ -148,14 +148,30 @@ def test_tokenization_is_cached_and_parallel_equals_serial(tmp_path, tokenizer_p
     assert len(list(tmp_path.glob("tokens-*.npz"))) == 2  # a different corpus never reuses the cache
 
 
-def test_fictional_domain_questions_are_answerable_from_the_documents():
-    world = data.make_world(0)
-    docs = " ".join(data.world_documents(world, 0))
-    questions = data.world_questions(world, 0)
-    assert len(questions) == 4 * len(world)
-    for q in questions:
-        assert len(set(q["options"])) == 4
-        right = q["stem"] + q["choices"][q["answer"]]
-        assert right in docs  # the cloze statement of the right answer is stated in the textbook
-        assert all(q["stem"] + c + " " not in docs + " " for i, c in enumerate(q["choices"]) if i != q["answer"])
-    assert data.world_documents(data.make_world(1), 1) != data.world_documents(world, 0)
+def test_one_jsonl_reader_names_path_and_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n{"a": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:3: not UTF-8 text"):
+        list(data.read_jsonl(path))  # strict without stats
+    stats = data.CorpusStats()
+    assert list(data.read_jsonl(path, stats)) == [(1, {"a": 1})] and stats.skipped_non_utf8 == 1
+    gz = tmp_path / "t.jsonl.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write(b'{"a": 1}\n' * 1000)
+    gz.write_bytes(gz.read_bytes()[:-20])  # truncated
+    with pytest.raises(ValueError, match=r"t\.jsonl\.gz:\d+: unreadable"):
+        list(data.read_jsonl(gz))
+    with pytest.raises(ValueError, match=r"where:7: field 'a' is int, expected str"):
+        data.require_field({"a": 1}, "a", "where:7")
+
+
+def test_tokenizer_rule_flag_then_checkpoint_folder(tmp_path, tokenizer_path):
+    assert data.Tokenizer.resolve(tokenizer_path).path == tokenizer_path
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="has no tokenizer.model; pass --tokenizer"):
+        data.Tokenizer.resolve(None, folder)
+    (folder / "tokenizer.model").write_bytes(open(tokenizer_path, "rb").read())
+    assert data.Tokenizer.resolve(None, folder).path == str(folder / "tokenizer.model")
+    with pytest.raises(ValueError, match="no checkpoint folder was given"):
+        data.Tokenizer.resolve()
