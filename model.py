@@ -13,6 +13,7 @@ Conventions that matter for exactness:
 """
 import argparse
 import json
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
@@ -37,8 +38,16 @@ class ModelConfig:
     ffn_dim: int = 11008
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # None, or Llama-3.x's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}, or {"rope_type": "linear", "factor"} (transformers' rope_parameters)
+    rope_scaling: dict | None = None
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    # "rope": rotary embeddings (every Llama); "learned": GPT-2-style absolute position embeddings added to the input
+    # (max_seq_len of them), rotary off -- the official backbone of the CFT paper's synthetic experiment
+    positions: str = "rope"
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
 
     @property
     def head_dim(self) -> int:
@@ -48,6 +57,8 @@ class ModelConfig:
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"config: dim {self.dim} must divide into n_heads {self.n_heads}, "
                              f"and n_heads into n_kv_heads {self.n_kv_heads}")
+        if self.positions not in ("rope", "learned"):
+            raise ValueError(f"config: positions {self.positions!r} must be 'rope' or 'learned'")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
@@ -57,7 +68,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, path) -> "ModelConfig":
-        """Read a Hugging Face LlamaConfig (config.json, or the folder holding it)."""
+        """Read a Hugging Face Llama config.json (or the folder holding it). Every setting either loads with logits
+        equal to transformers' LlamaForCausalLM or is refused with one line naming the field."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -65,32 +77,42 @@ class ModelConfig:
             raise FileNotFoundError(f"{path}: no such file (expected a Hugging Face Llama config.json)")
         try:
             hf = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-        for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False), ("rope_scaling", None)):
-            if hf.get(key, expected) != expected:
-                raise ValueError(f"{path}: {key}={hf[key]!r} is not supported (expected {expected!r})")
+        if not isinstance(hf, dict):
+            raise ValueError(f"{path}: expected a JSON object of config fields, found {type(hf).__name__}")
+        _check_supported(hf, path)
+        sizes = {key: _positive_int(hf, key, path) for key in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                               "num_attention_heads", "intermediate_size")}
+        n_kv = _positive_int(hf, "num_key_value_heads", path) if hf.get("num_key_value_heads") is not None \
+            else sizes["num_attention_heads"]
+        theta, scaling = _rope_settings(hf, path)
         try:
-            cfg = cls(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                      n_heads=hf["num_attention_heads"],
-                      n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                      ffn_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-5),
-                      rope_theta=hf.get("rope_theta", 10000.0), max_seq_len=hf.get("max_position_embeddings", 4096),
-                      tie_embeddings=hf.get("tie_word_embeddings", False))
-        except KeyError as e:
-            raise ValueError(f"{path}: missing field {e.args[0]}") from None
-        if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
+            cfg = cls(vocab_size=sizes["vocab_size"], dim=sizes["hidden_size"], n_layers=sizes["num_hidden_layers"],
+                      n_heads=sizes["num_attention_heads"], n_kv_heads=n_kv, ffn_dim=sizes["intermediate_size"],
+                      norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=theta, rope_scaling=scaling,
+                      max_seq_len=_positive_int(hf, "max_position_embeddings", path, default=4096),
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                      bos_token_id=hf.get("bos_token_id", 1), eos_token_id=hf.get("eos_token_id", 2))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+        if hf.get("head_dim") is not None and hf["head_dim"] != cfg.head_dim:
             raise ValueError(f"{path}: head_dim {hf['head_dim']} != hidden_size/num_attention_heads {cfg.head_dim}")
         return cfg
 
     def to_hf_dict(self, dtype: torch.dtype = torch.float32) -> dict:
+        if self.positions != "rope":
+            raise ValueError("config: a model with learned positions has no Hugging Face Llama config")
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta} | (self.rope_scaling or {})
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
                 "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
                 "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-                "intermediate_size": self.ffn_dim, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+                "head_dim": self.head_dim, "intermediate_size": self.ffn_dim, "rms_norm_eps": self.norm_eps,
+                # both spellings: rope_theta/rope_scaling (transformers < 5, vLLM), rope_parameters (transformers 5)
+                "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling, "rope_parameters": rope,
                 "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
-                "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
-                "torch_dtype": str(dtype).removeprefix("torch.")}
+                "attention_bias": False, "mlp_bias": False, "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id, "torch_dtype": str(dtype).removeprefix("torch.")}
 
     def num_params(self) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
@@ -104,6 +126,53 @@ class ModelConfig:
         PaLM's and Megatron's MFU figures do; BENCHMARKS.md measures transformers' LlamaForCausalLM the same way."""
         input_embedding = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return 6 * (self.num_params() - input_embedding) + 12 * self.n_layers * self.dim * seq_len
+
+
+def _check_supported(hf: dict, path) -> None:
+    """Refuse, naming the field, any architecture or setting that this Llama does not compute."""
+    if hf.get("architectures") not in (None, ["LlamaForCausalLM"]):
+        raise ValueError(f"{path}: architectures={hf['architectures']!r} is not supported (expected "
+                         f"['LlamaForCausalLM'])")
+    if hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"{path}: model_type={hf['model_type']!r} is not supported (expected 'llama')")
+    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                          ("sliding_window", None), ("partial_rotary_factor", 1.0)):
+        if hf.get(key, expected) != expected:
+            raise ValueError(f"{path}: {key}={hf[key]!r} is not supported (expected {expected!r})")
+
+
+def _positive_int(hf: dict, key: str, path, default=None) -> int:
+    value = hf.get(key, default)
+    if value is None:
+        raise ValueError(f"{path}: missing field {key}")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{path}: field {key} is {value!r}, expected a positive integer")
+    return value
+
+
+ROPE_SCALING_FIELDS = {"linear": ("factor",),
+                       "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _rope_settings(hf: dict, path) -> tuple[float, dict | None]:
+    """(theta, scaling) from rope_theta/rope_scaling (transformers < 5) or rope_parameters (transformers >= 5)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or params
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ValueError(f"{path}: rope_parameters / rope_scaling must be JSON objects")
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise ValueError(f"{path}: rope_theta is {theta!r}, expected a positive number")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type not in ROPE_SCALING_FIELDS:
+        raise ValueError(f"{path}: rope scaling of type {rope_type!r} is not supported (supported: default, "
+                         f"{', '.join(ROPE_SCALING_FIELDS)})")
+    missing = [k for k in ROPE_SCALING_FIELDS[rope_type] if not isinstance(scaling.get(k), (int, float))]
+    if missing:
+        raise ValueError(f"{path}: rope scaling {rope_type!r} needs a number for {missing[0]}")
+    return float(theta), {"rope_type": rope_type} | {k: scaling[k] for k in ROPE_SCALING_FIELDS[rope_type]}
 
 
 # One spelling of precision for every script's --precision: the weights' dtype for inference; for training, the
@@ -318,9 +387,29 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin of shape positions.shape + (head_dim,), in fp32: rotation angle pos * theta^(-2i/head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """(head_dim/2,) fp32 rotation frequencies theta^(-2i/head_dim), with Llama-3's or linear scaling applied as in
+    transformers' modeling_rope_utils (_compute_llama3_parameters, _compute_linear_scaling_rope_parameters)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: long wavelengths slowed down by `factor`, short ones kept, a smooth blend in between
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(is_medium, blended, scaled)
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """cos, sin of shape positions.shape + (head_dim,), in fp32: rotation angle pos * inv_freq[i]."""
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: the pair of dim i is dim i + head_dim/2
     return angles.cos(), angles.sin()
@@ -349,7 +438,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cos is not None:  # rotary positions (None: learned absolute positions were added to the input)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         out = attention(q, k, v, layout, prefix)
@@ -387,6 +477,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
         # Tied models read the output projection from the embedding table (no separate parameter to keep in sync).
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
@@ -416,7 +507,10 @@ class Transformer(nn.Module):
             positions = torch.arange(P + offset, P + offset + T, device=x.device)
             if layout.mask.pad_left is not None:  # each row's first real token sits at position P
                 positions = (positions[None] - layout.mask.pad_left[:, None].to(x.device)).clamp(min=0)
-        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        if self.embed_positions is None:
+            cos, sin = rotary_cos_sin(positions, rope_inv_freq(self.cfg, x.device))
+        else:
+            x, cos, sin = x + self.embed_positions(positions), None, None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, layout, None if prefix_kv is None else prefix_kv[i], cache, i)
         if cache is not None:
@@ -439,7 +533,8 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab).
 
         tokens (B, T) long, or embeds (B, T, dim) (soft prompts, the synthetic regression model);
-        positions (T,) or (B, T) rotary positions, default P + cache length + arange(T) (minus left padding);
+        positions (T,) or (B, T) positions (rotary, or learned), default P + cache length + arange(T) (minus left
+        padding);
         mask: AttentionMask (None = plain causal); prefix_kv: per layer (k, v), each (1 or B, Hkv, P, head_dim) with
         keys already rotated for positions 0..P-1 (CT-KV, prefix tuning); cache: KVCache, appended in place.
         """
