@@ -7,23 +7,25 @@ Given k demonstrations (x_i, y_i) of a new task and a frozen model:
   demonstration i's span hidden (leave-one-out) and each prefix position dropped with probability p (token dropout).
   The prefix is never recomputed, so a step costs time linear in k.
 - CT-Prompt: a soft prompt initialised from the demonstrations' embeddings, trained the same way but passed through
-  the whole model every step (strict leave-one-out: demonstration i's embeddings are hidden from pair i): quadratic in k.
+  the whole model every step (strict leave-one-out: demonstration i's embeddings are hidden from pair i): quadratic
+  in k.
 - Baselines: zero-shot, ICL, prompt tuning and prefix tuning (m = 32 positions, initialised from random tokens, not
   from the demonstrations), TTT (LoRA on leave-one-out permutations of the demonstrations), TTT+CT-KV.
-All masking goes through model.py's AttentionMask; every method ends as (model, prefix_kv) and is evaluated the same way.
+All masking goes through model.py's AttentionMask; every method ends as (model, prefix_kv) and is evaluated the same
+way.
 
-Read top to bottom: tasks (JSONL format, converters for the shared finance/medical data) -> episodes (a task's
-demonstrations as tensors) -> the methods -> evaluation (option log-likelihood / greedy exact match, regression MSE)
--> the synthetic reproduction (`--quick`) -> CLI.
+Read top to bottom: tasks (JSONL format, k-shot tasks cut from benchmark_data.py's data sets) -> episodes (a task's
+demonstrations as tensors) -> the methods -> evaluation (scoring.py's option log-likelihood, mean per token, or greedy
+exact match) -> the synthetic reproduction (`--quick`, on icl_regression.py's regression transformer: regression MSE)
+-> CLI.
 
-  python context_tuning.py --checkpoint DIR --tokenizer FILE --tasks multifin-en --k 16 --method ct-kv
+  python context_tuning.py --checkpoint DIR --tasks multifin-en --k 16 --method ct-kv
   python context_tuning.py --tasks fiqa-sa --k 16 --write-tasks fiqa16.jsonl      # convert only, no model
   python context_tuning.py --quick --out runs/ct                                 # CPU reproduction, <= 5 minutes
 """
 import argparse
 import copy
 import json
-import math
 import random
 import sys
 import time
@@ -35,10 +37,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import evaluate as ev
-import synthetic as sy
-from cft import lr_at
-from model import AttentionMask, KVCache, apply_lora, generate, load_pretrained, merge_lora
+import benchmark_data as bd
+import icl_regression as icl
+import scoring
+from atomic import write_text
+from config_flags import add_config_flags, config_from_args, option
+from ct_regression import CTQuickConfig, RegressionIO, quick_backbone, regression_mse
+from data import Tokenizer, read_jsonl, require_field
+from hf_checkpoint import load_pretrained
+from lora import apply_lora, merge_lora
+from model import PRECISIONS, AttentionMask, default_precision, generate, prefill
+from training import lr_at
 
 METHODS = ("zero-shot", "icl", "prompt-tuning", "prefix-tuning", "ct-prompt", "ct-kv", "ttt", "ttt+ct-kv")
 
@@ -65,34 +74,29 @@ class Task:
         return {"name": self.name, "demos": [{"input": x, "output": y} for x, y in self.demos], "queries": queries}
 
 
-def _field(obj, key, where, kind=str):
-    if not isinstance(obj, dict) or not isinstance(obj.get(key), kind):
-        raise ValueError(f"{where}: expected field \"{key}\" of type {kind.__name__}")
-    return obj[key]
+def parse_query(q, where: str) -> Query:
+    query = Query(require_field(q, "input", where), require_field(q, "output", where))
+    if "options" in q:
+        options = q["options"]
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
+            raise ValueError(f"{where}: \"options\" must be a list of at least two non-empty strings")
+        if query.output not in options:
+            raise ValueError(f"{where}: options {options} do not contain the gold output {query.output!r}")
+        query.options = options
+    return query
 
 
 def parse_task(obj, where: str) -> Task:
-    """Validate one task object; every error names `where` and the offending field."""
+    """Validate one task object; every error names `where` (`path:line`) and the offending field."""
     demos = obj.get("demos") if isinstance(obj, dict) else None
     if not isinstance(demos, list) or not demos:
         raise ValueError(f"{where}: task has no demonstrations (\"demos\" must be a non-empty list)")
-    queries = _field(obj, "queries", where, list)
+    queries = require_field(obj, "queries", where, list)
     if not queries:
         raise ValueError(f"{where}: task has no queries (\"queries\" must be a non-empty list)")
-    parsed_demos = [(_field(d, "input", f"{where}: demos[{i}]"), _field(d, "output", f"{where}: demos[{i}]"))
-                    for i, d in enumerate(demos)]
-    parsed_queries = []
-    for i, q in enumerate(queries):
-        at = f"{where}: queries[{i}]"
-        query = Query(_field(q, "input", at), _field(q, "output", at))
-        if "options" in q:
-            options = q["options"]
-            if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
-                raise ValueError(f"{at}: \"options\" must be a list of at least two non-empty strings")
-            if query.output not in options:
-                raise ValueError(f"{at}: options {options} do not contain the gold output {query.output!r}")
-            query.options = options
-        parsed_queries.append(query)
+    parsed_demos = [(require_field(d, "input", f"{where}: demos[{i}]"),
+                     require_field(d, "output", f"{where}: demos[{i}]")) for i, d in enumerate(demos)]
+    parsed_queries = [parse_query(q, f"{where}: queries[{i}]") for i, q in enumerate(queries)]
     return Task(obj.get("name") or where, parsed_demos, parsed_queries)
 
 
@@ -100,29 +104,29 @@ def load_tasks(path) -> list[Task]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such task file (expected JSONL, one task per line)")
-    tasks = [parse_task(obj, f"{path}, line {line_no}") for line_no, obj in ev.read_jsonl(path, keys=())]
+    tasks = [parse_task(obj, f"{path}:{line_no}") for line_no, obj in read_jsonl(path)]
     if not tasks:
         raise ValueError(f"{path}: no tasks in the file")
     return tasks
 
 
-# Converters: the shared datasets, read by evaluate.py's loaders (one reader and one prompt format per dataset, the
+# Shared data sets, read by benchmark_data.py's loaders (one reader and one prompt format per data set, the
 # FLARE/lm-evaluation-harness prompts) and cut into k-shot tasks: demonstrations from train/dev, queries from test.
 TEXT_TASKS = {"multifin-en": "multifin", "fiqa-sa": "fiqa-sa", "causal20": "causal20", "mmlu-medical": "mmlu-medical"}
 
 
 def _pools(name: str, root: Path):
-    """[(task name, demonstration pool, test examples)] as evaluate.Example lists."""
+    """[(task name, demonstration pool, test items)] as benchmark_data.BenchmarkItem lists."""
     if name == "mmlu-medical":  # one task per subject; the pool is the subject's 5 dev questions
         folder = root / "mmlu-medical"
-        return [(f"mmlu-{s}", ev.load_mmlu(folder / "dev" / f"{s}_dev.csv"),
-                 ev.load_mmlu(folder / "test" / f"{s}_test.csv")) for s in ev.MMLU_SUBJECTS]
-    test_file, pool_file, load = ev.CLASSIFICATION[TEXT_TASKS[name]]
+        return [(f"mmlu-{s}", bd.load_mmlu(folder / "dev" / f"{s}_dev.csv"),
+                 bd.load_mmlu(folder / "test" / f"{s}_test.csv")) for s in bd.MMLU_SUBJECTS]
+    test_file, pool_file, load = bd.CLASSIFICATION[TEXT_TASKS[name]]
     return [(name, load(root / pool_file), load(root / test_file))]
 
 
 def make_tasks(name: str, data_dir, k: int, seed: int = 0, max_queries: int = 0) -> list[Task]:
-    """k-shot tasks from a shared dataset (see TEXT_TASKS)."""
+    """k-shot tasks from a shared data set (see TEXT_TASKS)."""
     if name not in TEXT_TASKS:
         raise ValueError(f"--tasks {name}: neither a .jsonl task file nor one of {', '.join(TEXT_TASKS)}")
     tasks = []
@@ -133,7 +137,7 @@ def make_tasks(name: str, data_dir, k: int, seed: int = 0, max_queries: int = 0)
         pool = [e for e in pool if e.text not in test_texts]
         if len(pool) < k:
             raise ValueError(f"{sub}: only {len(pool)} demonstrations available (train/dev split), --k {k} asked")
-        demos = ev.sample_demos(pool, k, seed)
+        demos = bd.sample_demos(pool, k, seed)
         if 0 < max_queries < len(test):
             test = random.Random(seed).sample(test, max_queries)
         tasks.append(Task(f"{sub}/k{k}/seed{seed}", [(e.text, e.choices[e.gold]) for e in demos],
@@ -143,15 +147,17 @@ def make_tasks(name: str, data_dir, k: int, seed: int = 0, max_queries: int = 0)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Episodes: a task's demonstrations as model inputs. Everything is in embedding space, so the same methods run on
-# model.py's Llama (token embeddings, next-token loss) and on synthetic.py's regression transformer (read-in vectors,
-# squared error).
+# model.py's Llama (TokenIO: token embeddings in, next-token loss out) and on icl_regression.py's regression
+# transformer (RegressionIO: read-in vectors in, squared error out).
+
+NO_TARGET = -100  # the target of a position outside the loss (Transformer.loss's ignore index)
 
 
 @dataclass
 class Demo:
     embeds: torch.Tensor   # (L, dim) model inputs of this demonstration
     targets: torch.Tensor  # (L,) what each position predicts: the next token id, or the regression target
-    keep: torch.Tensor     # (L,) bool: positions in the loss (those that predict y_i)
+    in_loss: torch.Tensor  # (L,) bool: positions in the loss (those that predict y_i)
 
 
 @dataclass
@@ -169,36 +175,42 @@ class Episode:
         return torch.stack([ends[:-1], ends[1:]], dim=1).to(self.lead.embeds.device)
 
     def pairs(self):
-        """Demonstration i re-posed as training pair i (row i), right-padded: embeds (k, T, dim), targets, keep (k, T).
-        Padding sits after every real position, so causal attention keeps it out of the loss positions."""
+        """Demonstration i re-posed as training pair i (row i), right-padded: embeds (k, T, dim), targets, in_loss
+        (k, T). Padding sits after every real position, so causal attention keeps it out of the loss positions."""
         T = max(len(d.embeds) for d in self.demos)
         pad = lambda t: F.pad(t, (0, 0) * (t.dim() - 1) + (0, T - len(t)))
-        return tuple(torch.stack([pad(getattr(d, f)) for d in self.demos]) for f in ("embeds", "targets", "keep"))
+        return tuple(torch.stack([pad(getattr(d, f)) for d in self.demos]) for f in ("embeds", "targets", "in_loss"))
 
 
-class TokenHead:
-    """Llama: inputs are token embeddings, positions in the loss predict the next token (cross-entropy)."""
+class TokenIO:
+    """Llama's inputs and outputs: token ids in through the embedding table, next-token cross-entropy out
+    (Transformer.loss). TTT's LoRA adapters touch neither, so one TokenIO serves the adapted copies too."""
 
     def __init__(self, model):
-        self.embed_tokens = model.embed_tokens
-        self.out_weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        self.model = model
+
+    @torch.no_grad()
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        return self.model.embed_tokens(torch.tensor(ids, device=self.model.embed_tokens.weight.device))
 
     def position_loss(self, hidden, targets):
-        return F.cross_entropy(F.linear(hidden, self.out_weight).float(), targets, reduction="none")
+        """hidden (N, dim), targets (N,) -> (N,) fp32 cross-entropy of each position."""
+        return self.model.loss(hidden[None], targets[None], reduction="none")[0]
 
     @torch.no_grad()
     def random_context(self, m: int, generator) -> torch.Tensor:
-        """m embeddings of random vocabulary tokens (Lester et al.'s sampled-vocabulary init): not the demonstrations."""
-        ids = torch.randint(self.embed_tokens.num_embeddings, (m,), generator=generator)
-        return self.embed_tokens(ids.to(self.embed_tokens.weight.device))
+        """m embeddings of random vocabulary tokens (Lester et al.'s sampled-vocabulary init), not the
+        demonstrations."""
+        ids = torch.randint(self.model.embed_tokens.num_embeddings, (m,), generator=generator)
+        return self.embed(ids.tolist())
 
 
-def row_losses(head, hidden, targets, keep) -> torch.Tensor:
-    """(B,) mean loss over each row's kept positions (the paper's mean per-token loss; also option scoring)."""
-    per_position = head.position_loss(hidden[keep], targets[keep])
-    rows = keep.nonzero()[:, 0]
-    sums = torch.zeros(len(keep), device=hidden.device, dtype=per_position.dtype).index_add(0, rows, per_position)
-    return sums / keep.sum(1).clamp(min=1)
+def row_losses(io, hidden, targets, in_loss) -> torch.Tensor:
+    """(B,) mean loss over each row's positions in the loss (the paper's mean per-token loss)."""
+    per_position = io.position_loss(hidden[in_loss], targets[in_loss])
+    rows = in_loss.nonzero()[:, 0]
+    sums = torch.zeros(len(in_loss), device=hidden.device, dtype=per_position.dtype).index_add(0, rows, per_position)
+    return sums / in_loss.sum(1).clamp(min=1)
 
 
 def newline_ids(tok) -> list[int]:
@@ -209,28 +221,40 @@ def newline_ids(tok) -> list[int]:
 
 def token_demo(model, ids: list[int], n_input: int) -> Demo:
     """A demonstration from its token ids (input, then output and separator): positions n_input-1 .. L-2 predict the
-    output tokens."""
-    ids_t = torch.tensor(ids, device=model.embed_tokens.weight.device)
-    keep = torch.zeros(len(ids), dtype=torch.bool, device=ids_t.device)
-    keep[n_input - 1:len(ids) - 1] = True
-    with torch.no_grad():
-        embeds = model.embed_tokens(ids_t)
-    return Demo(embeds, torch.cat([ids_t[1:], ids_t[:1] * 0]), keep)
+    output tokens; the last position predicts nothing."""
+    device = model.embed_tokens.weight.device
+    in_loss = torch.zeros(len(ids), dtype=torch.bool, device=device)
+    in_loss[n_input - 1:len(ids) - 1] = True
+    return Demo(TokenIO(model).embed(ids), torch.tensor(ids[1:] + [NO_TARGET], device=device), in_loss)
 
 
 def token_lead(model, bos_id: int) -> Demo:
     """The context's start: BOS alone, in no loss and in no demonstration's span."""
-    bos = torch.tensor([bos_id], device=model.embed_tokens.weight.device)
-    with torch.no_grad():
-        return Demo(model.embed_tokens(bos), bos * 0, bos < 0)
+    device = model.embed_tokens.weight.device
+    return Demo(TokenIO(model).embed([bos_id]), torch.tensor([NO_TARGET], device=device),
+                torch.zeros(1, dtype=torch.bool, device=device))
+
+
+def demo_ids(tok, text_input: str, text_output: str, sep: list[int]) -> tuple[list[int], list[int]]:
+    """(input ids, output ids + separator): the output's tokens follow scoring.py's rule for an option after its
+    context, so that a demonstration's answer is tokenized as a query's options are scored."""
+    x = tok.encode(text_input)
+    return x, scoring.option_tokens(tok, x, text_input, text_output) + sep
+
+
+def longest_query_len(tok, task: Task, sep: list[int]) -> int:
+    lengths = []
+    for q in task.queries:
+        x = tok.encode(q.input)
+        lengths.append(len(x) + max(len(scoring.option_tokens(tok, x, q.input, o)) for o in q.options or [q.output]))
+    return max(lengths) + len(sep)
 
 
 def token_episode(model, tok, task: Task, truncate: bool = False) -> Episode:
     """[BOS] x_1 y_1 \\n x_2 y_2 \\n ...; checks that context + the longest query fits in max_seq_len."""
     sep = newline_ids(tok)
-    demos = [(tok.encode(x), tok.encode(y) + sep) for x, y in task.demos]
-    longest_query = max(len(tok.encode(q.input)) + max(len(tok.encode(o)) for o in q.options or [q.output]) + len(sep)
-                        for q in task.queries)
+    demos = [demo_ids(tok, x, y, sep) for x, y in task.demos]
+    longest_query = longest_query_len(tok, task, sep)
     limit = model.cfg.max_seq_len
 
     def context_len():
@@ -256,32 +280,24 @@ def token_episode(model, tok, task: Task, truncate: bool = False) -> Episode:
 
 @dataclass
 class TuneConfig:
-    steps: int = 200           # epochs: one optimiser step over all k pairs each (paper: ~200; 16-20 on MMLU/BBH)
-    lr: float = 1e-3           # AdamW, no weight decay, cosine decay without warm-up (paper's CT-KV setting)
-    dropout: float = 0.05      # token dropout rate p on prefix positions (paper: 0.05-0.1); CT methods only
-    leave_one_out: bool = True  # hide demonstration i from pair i; CT methods only
-    prompt_len: int = 32       # m, the trainable positions of prompt/prefix tuning
-    lora_rank: int = 64        # TTT
-    lora_lr: float = 1e-4      # TTT's LoRA learning rate
-    micro_batch: int = 0       # pairs per forward/backward (0: all k at once); gradients accumulate, same step
+    # epochs: one optimiser step over all k pairs each (paper: ~200; 16-20 on MMLU/BBH)
+    steps: int = option(200, "optimisation steps (epochs over the k pairs)")
+    # AdamW, no weight decay, cosine decay without warm-up (paper's CT-KV setting)
+    lr: float = option(1e-3, "learning rate of K/V, prompts and prefixes")
+    dropout: float = option(0.05, "token dropout rate p on the prefix (CT methods; paper: 0.05-0.1)")
+    leave_one_out: bool = option(True, "hide demonstration i from pair i (CT methods)")
+    prompt_len: int = option(32, "m, the trainable positions of prompt and prefix tuning")
+    lora_rank: int = option(64, "TTT's LoRA rank")
+    lora_lr: float = option(1e-4, "TTT's LoRA learning rate")
+    micro_batch: int = option(0, "pairs per forward/backward (0: all k); gradients accumulate into the same step")
     grad_clip: float = 1.0
-    seed: int = 0
+    seed: int = option(0, "seed of the demonstrations' sampling, dropout masks, TTT's permutations and adapters")
     progress: bool = True
     on_step: object = None     # called after every optimiser step (bench.py times steps with it)
 
 
 def model_dtype(model):
-    return next(model.parameters()).dtype
-
-
-@torch.no_grad()
-def prefix_kv_of(model, embeds):
-    """Every layer's (k, v) over a context (1, P, dim), keys rotated for positions 0..P-1; None for an empty context."""
-    if embeds.shape[1] == 0:
-        return None
-    cache = KVCache(model.cfg, 1, embeds.shape[1], embeds.device, model_dtype(model))
-    model.hidden_states(embeds=embeds.to(model_dtype(model)), cache=cache)
-    return cache.prefix()
+    return model.embed_tokens.weight.dtype
 
 
 def dropout_mask(rows: int, P: int, p: float, generator, device):
@@ -311,28 +327,28 @@ def optimise(params, batch_loss, n_rows: int, cfg: TuneConfig, desc: str):
             cfg.on_step()
 
 
-def kv_pair_losses(model, head, pairs, rows, prefix_kv, spans=None, dropped=None):
+def kv_pair_losses(model, io, pairs, rows, prefix_kv, spans=None, dropped=None):
     """CT-KV / prefix tuning loss of training pairs `rows` (pairs = Episode.pairs()) after a prefix, per pair:
     the pairs' positions start at P, span i is hidden from pair i, dropped prefix positions are invisible."""
-    embeds, targets, keep = pairs
+    embeds, targets, in_loss = pairs
     mask = AttentionMask(hidden_span=None if spans is None else spans[rows.to(spans.device)], dropped=dropped)
     hidden = model.hidden_states(embeds=embeds[rows], prefix_kv=prefix_kv, mask=mask)
-    return row_losses(head, hidden, targets[rows], keep[rows])
+    return row_losses(io, hidden, targets[rows], in_loss[rows])
 
 
-def prompt_pair_losses(model, head, pairs, rows, prompt, spans=None, dropped=None):
+def prompt_pair_losses(model, io, pairs, rows, prompt, spans=None, dropped=None):
     """CT-Prompt / prompt tuning loss of pairs `rows` after a soft prompt (1, P, dim) run through the model with them.
     Strict leave-one-out: span i is hidden from every later position of row i, prompt positions included."""
-    embeds, targets, keep = pairs
+    embeds, targets, in_loss = pairs
     n, P = len(rows), prompt.shape[1]
     x = torch.cat([prompt.expand(n, -1, -1), embeds[rows]], dim=1)
     row_targets = torch.cat([targets.new_zeros(n, P), targets[rows]], dim=1)
-    row_keep = torch.cat([keep.new_zeros(n, P), keep[rows]], dim=1)
+    row_in_loss = torch.cat([in_loss.new_zeros(n, P), in_loss[rows]], dim=1)
     mask = AttentionMask(hidden_span=None if spans is None else spans[rows.to(spans.device)], dropped=dropped)
-    return row_losses(head, model.hidden_states(embeds=x, mask=mask), row_targets, row_keep)
+    return row_losses(io, model.hidden_states(embeds=x, mask=mask), row_targets, row_in_loss)
 
 
-def tune_kv(model, head, ep: Episode, kv, cfg: TuneConfig, spans=None, dropout=0.0, desc="ct-kv"):
+def tune_kv(model, io, ep: Episode, kv, cfg: TuneConfig, spans=None, dropout=0.0, desc="ct-kv"):
     """CT-KV (kv from the demonstrations, spans = leave-one-out) and prefix tuning (kv from random tokens, no spans).
 
     The trainable K/V and AdamW's state are fp32 even when the model computes in bf16 (the official code trains them
@@ -348,14 +364,14 @@ def tune_kv(model, head, ep: Episode, kv, cfg: TuneConfig, spans=None, dropout=0
 
     def batch_loss(rows, generator):
         dropped = dropout_mask(len(rows), P, dropout, generator, pairs[0].device)
-        return kv_pair_losses(model, head, pairs, rows, prefix(), spans, dropped)
+        return kv_pair_losses(model, io, pairs, rows, prefix(), spans, dropped)
 
     optimise(params, batch_loss, len(ep.demos), cfg, desc)
     with torch.no_grad():
         return prefix()
 
 
-def tune_prompt(model, head, ep: Episode, prompt, cfg: TuneConfig, spans=None, dropout=0.0, desc="ct-prompt"):
+def tune_prompt(model, io, ep: Episode, prompt, cfg: TuneConfig, spans=None, dropout=0.0, desc="ct-prompt"):
     """CT-Prompt (prompt = the demonstrations' embeddings, spans = strict leave-one-out) and prompt tuning (random
     tokens, no spans). Every pair re-runs the whole prompt through the model: time quadratic in k. fp32 master copy."""
     dtype = model_dtype(model)
@@ -364,13 +380,13 @@ def tune_prompt(model, head, ep: Episode, prompt, cfg: TuneConfig, spans=None, d
 
     def batch_loss(rows, generator):
         dropped = dropout_mask(len(rows), prompt.shape[1], dropout, generator, pairs[0].device)
-        return prompt_pair_losses(model, head, pairs, rows, param.to(dtype), spans, dropped)
+        return prompt_pair_losses(model, io, pairs, rows, param.to(dtype), spans, dropped)
 
     optimise([param], batch_loss, len(ep.demos), cfg, desc)
     return param.detach().to(dtype)
 
 
-def tune_lora(model, head, ep: Episode, cfg: TuneConfig, desc="ttt"):
+def tune_lora(model, io, ep: Episode, cfg: TuneConfig, desc="ttt"):
     """Test-time training (Akyurek et al. 2024): LoRA adapters, added to `model` in place, trained on leave-one-out
     tasks. Row i is [lead, the other demonstrations in a fresh random order, demonstration i], loss on y_i only."""
     device = next(model.parameters()).device
@@ -387,204 +403,165 @@ def tune_lora(model, head, ep: Episode, cfg: TuneConfig, desc="ttt"):
             seqs.append([ep.lead] + [ep.demos[j] for j in order] + [ep.demos[i]])
         embeds = torch.stack([torch.cat([d.embeds for d in s]) for s in seqs])
         targets = torch.stack([torch.cat([d.targets for d in s]) for s in seqs])
-        keep = torch.stack([torch.cat([torch.zeros_like(d.keep) for d in s[:-1]] + [s[-1].keep]) for s in seqs])
-        return row_losses(head, model.hidden_states(embeds=embeds), targets, keep)
+        in_loss = torch.stack([torch.cat([torch.zeros_like(d.in_loss) for d in s[:-1]] + [s[-1].in_loss])
+                               for s in seqs])
+        return row_losses(io, model.hidden_states(embeds=embeds), targets, in_loss)
 
     optimise(params, batch_loss, k, replace(cfg, lr=cfg.lora_lr), desc)
     return model
 
 
-def adapt(method: str, model, head, ep: Episode, cfg: TuneConfig):
+def adapt(method: str, model, io, ep: Episode, cfg: TuneConfig):
     """Run one method on one episode -> (model to answer with, prefix_kv to answer after)."""
     model.requires_grad_(False)
     spans = ep.spans() if cfg.leave_one_out else None
     context = ep.context()
     if method == "zero-shot":
-        return model, prefix_kv_of(model, ep.lead.embeds[None])
+        return model, prefill(model, embeds=ep.lead.embeds[None])
     if method == "icl":
-        return model, prefix_kv_of(model, context)
+        return model, prefill(model, embeds=context)
     if method in ("prompt-tuning", "prefix-tuning"):
         generator = torch.Generator().manual_seed(cfg.seed)
-        start = torch.cat([ep.lead.embeds, head.random_context(cfg.prompt_len, generator)])[None]
+        start = torch.cat([ep.lead.embeds, io.random_context(cfg.prompt_len, generator)])[None]
         if method == "prompt-tuning":
-            return model, prefix_kv_of(model, tune_prompt(model, head, ep, start, cfg, desc=method))
-        return model, tune_kv(model, head, ep, prefix_kv_of(model, start), cfg, desc=method)
+            return model, prefill(model, embeds=tune_prompt(model, io, ep, start, cfg, desc=method))
+        return model, tune_kv(model, io, ep, prefill(model, embeds=start), cfg, desc=method)
     if method == "ct-prompt":
-        return model, prefix_kv_of(model, tune_prompt(model, head, ep, context, cfg, spans, cfg.dropout))
+        return model, prefill(model, embeds=tune_prompt(model, io, ep, context, cfg, spans, cfg.dropout))
     if method == "ct-kv":
-        return model, tune_kv(model, head, ep, prefix_kv_of(model, context), cfg, spans, cfg.dropout)
+        return model, tune_kv(model, io, ep, prefill(model, embeds=context), cfg, spans, cfg.dropout)
     if method == "ttt":  # on a copy: the caller's model stays as it was for the next task or method
-        adapted = tune_lora(copy.deepcopy(model), head, ep, cfg)
-        return adapted, prefix_kv_of(adapted, context)
+        adapted = tune_lora(copy.deepcopy(model), io, ep, cfg)
+        return adapted, prefill(adapted, embeds=context)
     if method == "ttt+ct-kv":
-        adapted = merge_lora(tune_lora(copy.deepcopy(model), head, ep, cfg))
-        return adapted, tune_kv(adapted, head, ep, prefix_kv_of(adapted, context), cfg, spans, cfg.dropout)
+        adapted = merge_lora(tune_lora(copy.deepcopy(model), io, ep, cfg))
+        return adapted, tune_kv(adapted, io, ep, prefill(adapted, embeds=context), cfg, spans, cfg.dropout)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Evaluation on text tasks: option log-likelihood (mean per-token loss, as the paper) or greedy exact match.
+# Evaluation on text tasks: options scored by scoring.py (mean per-token log-likelihood after the prefix, as the paper)
+# or greedy generation, exact match.
 
 
 @torch.no_grad()
-def answer(model, head, tok, prefix_kv, query: Query, max_new_tokens: int) -> str:
-    device = model.embed_tokens.weight.device
-    x = tok.encode(query.input)
-    if query.options:
-        rows = [x + tok.encode(o) for o in query.options]
-        T = -(-max(map(len, rows)) // 64) * 64  # right-pad to a multiple of 64: few shapes for CUDA's compiled attention
-        tokens = torch.zeros(len(rows), T, dtype=torch.long, device=device)
-        keep = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            tokens[i, :len(r)] = torch.tensor(r)
-            keep[i, len(x) - 1:len(r) - 1] = True  # positions predicting the option's tokens
-        targets = torch.cat([tokens[:, 1:], tokens[:, :1] * 0], dim=1)
-        losses = row_losses(head, model.hidden_states(tokens, prefix_kv=prefix_kv), targets, keep)
-        return query.options[int(losses.argmin())]
+def choose_options(model, tok, prefix_kv, task_name: str, queries: list[Query]) -> list[str]:
+    """The option with the highest mean per-token log-likelihood after prefix_kv, for each query. A query's context is
+    its input alone (the prefix holds BOS and the demonstrations); options are tokenized by scoring.option_tokens."""
+    questions = [bd.Question(task_name, "", q.input, q.options, q.options.index(q.output)) for q in queries]
+    encoded = scoring.encode_questions(tok, questions, bos=False)
+    scores = scoring.score_options(model, encoded, prefix_kv=prefix_kv, reduction="mean", progress=False)
+    return [q.options[i] for q, i in zip(queries, scoring.predict(scores))]
+
+
+@torch.no_grad()
+def generate_answer(model, tok, prefix_kv, query: Query, max_new_tokens: int) -> str:
+    """Greedy generation after prefix_kv, up to the first newline."""
     sep = newline_ids(tok)
-    out = generate(model, [x], max_new_tokens, prefix_kv=prefix_kv, eos_id=sep[-1] if len(sep) == 1 else None)[0]
+    out = generate(model, [tok.encode(query.input)], max_new_tokens, prefix_kv=prefix_kv,
+                   eos_id=sep[-1] if len(sep) == 1 else None)[0]
     return tok.decode(out).split("\n")[0].strip()
 
 
-def evaluate_task(model, head, tok, prefix_kv, task: Task, max_new_tokens: int, progress=True) -> float:
-    correct = 0
-    for q in tqdm(task.queries, desc="queries", disable=not progress, leave=False):
-        gold = q.output if q.options else q.output.strip()  # an option comes back verbatim; generations stripped
-        correct += answer(model, head, tok, prefix_kv, q, max_new_tokens) == gold
+def evaluate_task(model, tok, prefix_kv, task: Task, max_new_tokens: int, progress=True) -> float:
+    with_options = [q for q in task.queries if q.options]
+    correct = sum(c == q.output for c, q in zip(choose_options(model, tok, prefix_kv, task.name, with_options),
+                                                 with_options)) if with_options else 0
+    open_ended = [q for q in task.queries if not q.options]
+    for q in tqdm(open_ended, desc="queries", disable=not progress, leave=False):
+        correct += generate_answer(model, tok, prefix_kv, q, max_new_tokens) == q.output.strip()
     return correct / len(task.queries)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The measurable reproduction without LLM weights (`--quick`): synthetic.py's in-context linear-regression transformer
-# (pretrained on w ~ N(0, I)) meets tasks it never saw, w ~ N(w_shift, I), with k demonstrations each. Every method
-# above runs unchanged on it; the score is the squared error on fresh queries of the same task.
+# The measurable reproduction without LLM weights (`--quick`): icl_regression.py's in-context linear-regression
+# transformer (pretrained on w ~ N(0, I)) meets tasks it never saw, w ~ N(w_shift, I), with k demonstrations each.
+# Every method above runs unchanged on it; the score is the squared error on fresh queries of the same task.
 
 ABLATION = {"ct-kv (leave-one-out + dropout)": (True, True), "ct-kv (leave-one-out only)": (True, False),
             "ct-kv (dropout only)": (False, True), "ct-kv (neither)": (False, False)}
 
 
-@dataclass
-class QuickConfig:
-    k: int = 8                # demonstrations per task (the backbone was pretrained on prompts of up to 11 pairs)
-    w_shift: float = 2.0      # task distribution w ~ N(w_shift, I): out of the pretraining distribution
-    tasks_per_seed: int = 8
-    queries_per_task: int = 128
-    seeds: int = 3
-    steps: int = 100          # lr and steps: from a small sweep on other tasks (generator stream "diag")
-    lr: float = 1e-2
-    lora_lr: float = 1e-2
-    dropout: float = 0.1
-
-
-class RegressionHead:
-    """synthetic.py's regression transformer: inputs are read_in vectors, the x_i position predicts y_i."""
-
-    def __init__(self, reg):
-        self.reg = reg
-
-    def embed(self, xs, ys):
-        """(B, n, d), (B, n) -> (B, 2n, dim): the tokens x_1, y_1, ... through the read-in."""
-        return self.reg.read_in(sy.interleave(xs, ys))
-
-    def position_loss(self, hidden, targets):
-        return (self.reg.read_out(hidden).squeeze(-1).float() - targets) ** 2
-
-    @torch.no_grad()
-    def random_context(self, m: int, generator) -> torch.Tensor:
-        """m embeddings of random (x, y) tokens, y on the labels' scale: not the task's demonstrations."""
-        d = self.reg.n_dims
-        xs = torch.randn(1, (m + 1) // 2, d, generator=generator)
-        ys = torch.randn(1, (m + 1) // 2, generator=generator) * math.sqrt(d)
-        return self.embed(xs, ys)[0, :m]
-
-
 @torch.no_grad()
-def regression_episode(head: RegressionHead, xs, ys) -> Episode:
-    """k demonstrations (x_i, y_i) -> tokens x_i, y_i; the x_i position is the one that predicts y_i."""
-    embeds = head.embed(xs[None], ys[None])[0]
-    keep = torch.tensor([True, False])
-    demos = [Demo(embeds[2 * i:2 * i + 2], torch.stack([ys[i], ys[i] * 0]), keep) for i in range(len(xs))]
-    return Episode(Demo(embeds[:0], ys[:0], keep[:0]), demos)
+def regression_episode(io: RegressionIO, xs, ys) -> Episode:
+    """k demonstrations (x_i, y_i) -> tokens x_i, y_i; the x_i position predicts y_i, the y_i position nothing."""
+    embeds = io.embed(xs[None], ys[None])[0]
+    in_loss = torch.tensor([True, False])
+    demos = [Demo(embeds[2 * i:2 * i + 2], torch.stack([ys[i], ys.new_zeros(())]), in_loss) for i in range(len(xs))]
+    return Episode(Demo(embeds[:0], ys[:0], in_loss[:0]), demos)
 
 
-@torch.no_grad()
-def regression_mse(model, head: RegressionHead, prefix_kv, xs, ys) -> float:
-    """Mean squared error of queries xs (Q, d) answered after prefix_kv (one batch-1 prefix shared by all Q)."""
-    x_tokens = head.embed(xs[:, None], ys[:, None] * 0)[:, :1]
-    hidden = model.hidden_states(embeds=x_tokens, prefix_kv=prefix_kv)
-    return head.position_loss(hidden[:, 0], ys).mean().item()
-
-
-def quick_backbone(out: Path):
-    """synthetic.py's CPU-sized regression transformer, pretrained into OUT/pretrain (or reused from there)."""
-    cfg = sy.PRESETS["quick"]
-    if not sy.pretrain(cfg, out, "cpu"):
-        raise ValueError(f"{out}/pretrain: pretraining did not finish")
-    reg, meta = sy.load_model(out / "pretrain")
-    return reg.eval().requires_grad_(False), meta
-
-
-def quick_experiment(reg, q: QuickConfig, progress: bool = True) -> dict:
-    """{run name: {"mse", "mse_std", "mse_per_seed", "nmse", "nmse_std", "nmse_per_seed", "tasks_better_than_icl"}}
-    (mean and sample std over seeds): every method and the leave-one-out/dropout ablation on the same tasks (per seed,
-    q.tasks_per_seed fresh tasks of k demonstrations)."""
-    head, model, d = RegressionHead(reg), reg.backbone, reg.n_dims
+def quick_runs(q: CTQuickConfig, dim: int) -> dict:
+    """{run name: (method, TuneConfig)}: every method, and CT-KV without leave-one-out and/or dropout."""
     # prompt/prefix tuning get as many trainable positions as the demonstrations fill (2k tokens): the same capacity
     # as CT-Prompt/CT-KV, and inside the context length the backbone was pretrained on
     base = TuneConfig(steps=q.steps, lr=q.lr, lora_lr=q.lora_lr, dropout=q.dropout, prompt_len=2 * q.k,
-                      lora_rank=min(64, model.cfg.dim), progress=False)
+                      lora_rank=min(64, dim), progress=False)
     runs = {m: (m, base) for m in METHODS}
     runs.update({name: ("ct-kv", replace(base, leave_one_out=loo, dropout=q.dropout * drop))
                  for name, (loo, drop) in ABLATION.items() if (loo, drop) != (True, True)})  # = "ct-kv" itself
-    # mse: squared error averaged over every query of every task (dominated by the tasks with the largest |w|);
-    # nmse: each task's mse divided by its mean squared label, then averaged, so that every task weighs the same
-    # (as accuracy does in the paper's tables)
+    return runs
+
+
+def quick_seed(reg, q: CTQuickConfig, runs: dict, seed: int, bar) -> dict:
+    """{run name: {"mse": [per task], "nmse": [per task]}} on q.tasks_per_seed fresh tasks of one seed.
+    mse: squared error over the task's queries; nmse: the same divided by the task's mean squared label, so that
+    averaged over tasks every task weighs the same (as accuracy does in the paper's tables)."""
+    io, model = RegressionIO(reg), reg.backbone
+    errors = {name: {"mse": [], "nmse": []} for name in runs}
+    for t in range(q.tasks_per_seed):
+        task = icl.sample_tasks("shifted-linear", 1, q.k + q.queries_per_task, reg.n_dims,
+                                icl.generator("cpu", seed, "context-tuning", t), w_shift=q.w_shift)
+        xs, ys = task.xs[0], task.values()[0]
+        ep = regression_episode(io, xs[:q.k], ys[:q.k])
+        label_power = ys[q.k:].pow(2).mean().item()
+        for name, (method, cfg) in runs.items():
+            answer_model, prefix_kv = adapt(method, model, io, ep, replace(cfg, seed=seed * 1000 + t))
+            mse = regression_mse(answer_model, io, prefix_kv, xs[q.k:], ys[q.k:])
+            errors[name]["mse"].append(mse)
+            errors[name]["nmse"].append(mse / label_power)
+            bar.update(1)
+    return errors
+
+
+def quick_experiment(reg, q: CTQuickConfig, progress: bool = True) -> dict:
+    """{run name: {"mse", "mse_std", "mse_per_seed", "nmse", "nmse_std", "nmse_per_seed", "tasks_better_than_icl"}}
+    (mean and sample std over seeds): every method and the leave-one-out/dropout ablation on the same tasks (per seed,
+    q.tasks_per_seed fresh tasks of k demonstrations)."""
+    runs = quick_runs(q, reg.backbone.cfg.dim)
     per_seed = {name: {"mse": [], "nmse": [], "wins": []} for name in runs}
     bar = tqdm(total=q.seeds * q.tasks_per_seed * len(runs), desc="context tuning", disable=not progress)
     for seed in range(q.seeds):
-        errors = {name: [] for name in runs}
-        for t in range(q.tasks_per_seed):
-            task = sy.sample_tasks("shifted-linear", 1, q.k + q.queries_per_task, d,
-                                   sy.generator("cpu", seed, "context-tuning", t), w_shift=q.w_shift)
-            xs, ys = task.xs[0], task.values()[0]
-            ep = regression_episode(head, xs[:q.k], ys[:q.k])
-            for name, (method, cfg) in runs.items():
-                answer_model, prefix_kv = adapt(method, model, head, ep, replace(cfg, seed=seed * 1000 + t))
-                errors[name].append(regression_mse(answer_model, head, prefix_kv, xs[q.k:], ys[q.k:]))
-                bar.update(1)
-            label_power = ys[q.k:].pow(2).mean().item()
-            for name in runs:
-                errors[name][-1] = (errors[name][-1], errors[name][-1] / label_power)
+        errors = quick_seed(reg, q, runs, seed, bar)
         for name in runs:
-            per_seed[name]["mse"].append(sum(e[0] for e in errors[name]) / q.tasks_per_seed)
-            per_seed[name]["nmse"].append(sum(e[1] for e in errors[name]) / q.tasks_per_seed)
+            for metric in ("mse", "nmse"):
+                per_seed[name][metric].append(sum(errors[name][metric]) / q.tasks_per_seed)
             # paired with ICL on the same task: the share of tasks where the method's error is lower
-            per_seed[name]["wins"] += [e[0] < i[0] for e, i in zip(errors[name], errors["icl"])]
+            per_seed[name]["wins"] += [e < i for e, i in zip(errors[name]["mse"], errors["icl"]["mse"])]
     bar.close()
     per_seed["ct-kv (leave-one-out + dropout)"] = per_seed["ct-kv"]
     results = {}
     for name, values in per_seed.items():
         results[name] = {}
         for metric in ("mse", "nmse"):
-            mean, std = sy.mean_std(values[metric])
+            mean, std = icl.mean_std(values[metric])
             results[name].update({metric: mean, f"{metric}_std": std, f"{metric}_per_seed": values[metric]})
         results[name]["tasks_better_than_icl"] = sum(values["wins"]) / len(values["wins"])
     return results
 
 
-def run_quick(args):
+def run_quick(out, q: CTQuickConfig):
     torch.set_num_threads(1)  # tiny matrices: one thread beats two (and shares a busy machine better)
-    out = Path(args.out or "runs/context_tuning")
+    out = Path(out or "runs/context_tuning")
     out.mkdir(parents=True, exist_ok=True)
-    q = QuickConfig(seeds=args.seeds)
     start = time.time()
     reg, meta = quick_backbone(out)
     print(f"backbone ready ({time.time() - start:.0f}s); {q.seeds} seeds x {q.tasks_per_seed} tasks, k = {q.k}, "
           f"w ~ N({q.w_shift}, I_{reg.n_dims})")
     results = quick_experiment(reg, q)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "quick_config.json").write_text(json.dumps({**asdict(q), "seconds": round(time.time() - start, 1),
-                                                       "backbone": meta["config"], "quality": meta.get("quality")}))
+    write_text(out / "results.json", json.dumps(results, indent=1))
+    write_text(out / "quick_config.json", json.dumps({**asdict(q), "seconds": round(time.time() - start, 1),
+                                                      "backbone": meta["config"], "quality": meta.get("quality")}))
     print(f"mean +- std over {q.seeds} seeds")
     print(f"{'method':34s} {'mse':>18s} {'nmse':>18s}  tasks better than ICL")
     for name, r in results.items():
@@ -594,13 +571,28 @@ def run_quick(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# CLI
+# CLI: flags generated from CTRunConfig, TuneConfig and CTQuickConfig (config_flags.py), so each default lives in one
+# dataclass field.
 
 
-def tune_config(args) -> TuneConfig:
-    return TuneConfig(steps=args.steps, lr=args.lr, dropout=args.dropout, leave_one_out=not args.no_leave_one_out,
-                      prompt_len=args.prompt_len, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
-                      micro_batch=args.micro_batch, seed=args.seed)
+@dataclass
+class CTRunConfig:
+    checkpoint: str | None = option(None, "Hugging Face Llama folder (config.json + safetensors)")
+    tokenizer: str | None = option(None, "sentencepiece tokenizer.model (default: the checkpoint folder's)")
+    tasks: str = option("multifin-en", f"a task JSONL file, or a shared data set: {', '.join(TEXT_TASKS)}")
+    data_dir: str = option(str(bd.DEFAULT_DATA_DIR), "folder of the shared data sets")
+    k: int = option(16, "demonstrations per task (shared data sets)")
+    max_queries: int = option(0, "random subset of test queries per task (0: all)")
+    write_tasks: str | None = option(None, "write the k-shot tasks as JSONL to this new file and stop")
+    method: str = option("ct-kv", "the method to run", choices=[*METHODS, "all"])
+    max_new_tokens: int = option(32, "greedy answers to queries without options")
+    truncate_demos: bool = option(False, "drop the earliest demonstrations (with a warning) when the context is too "
+                                         "long")
+    out: str | None = option(None, "results: a JSONL file (resumed when it exists); with --quick, a folder")
+    quick: bool = option(False, "synthetic reproduction on the in-context regression transformer (CPU, minutes)")
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    precision: str | None = option(None, "compute precision (default: bf16 on CUDA, fp32 on CPU)",
+                                   choices=list(PRECISIONS))
 
 
 def read_results(path: Path) -> dict:
@@ -617,86 +609,68 @@ def read_results(path: Path) -> dict:
     return done
 
 
-def run_text_tasks(args):
-    from data import Tokenizer
-    tasks = (load_tasks(args.tasks) if args.tasks.endswith(".jsonl")
-             else make_tasks(args.tasks, args.data_dir, args.k, args.seed, args.max_queries))
-    if args.write_tasks:
-        out = Path(args.write_tasks)
-        if out.exists():
-            raise FileExistsError(f"{out} exists; refusing to overwrite it")
-        out.write_text("".join(json.dumps(t.to_json()) + "\n" for t in tasks))
-        print(f"wrote {len(tasks)} task(s), {sum(len(t.queries) for t in tasks)} queries, to {out}")
-        return
-    if not args.checkpoint or not args.tokenizer:
-        raise ValueError("--checkpoint and --tokenizer are required to run a method (or use --write-tasks / --quick)")
-    tok = Tokenizer(args.tokenizer)
-    model = load_pretrained(args.checkpoint, args.device, getattr(torch, args.dtype)).eval()
+def write_task_file(path, tasks: list[Task]):
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    write_text(path, "".join(json.dumps(t.to_json()) + "\n" for t in tasks))
+    print(f"wrote {len(tasks)} task(s), {sum(len(t.queries) for t in tasks)} queries, to {path}")
+
+
+def run_text_tasks(run: CTRunConfig, cfg: TuneConfig):
+    tasks = (load_tasks(run.tasks) if run.tasks.endswith(".jsonl")
+             else make_tasks(run.tasks, run.data_dir, run.k, cfg.seed, run.max_queries))
+    if run.write_tasks:
+        return write_task_file(run.write_tasks, tasks)
+    if not run.checkpoint:
+        raise ValueError("--checkpoint is required to run a method (or use --write-tasks / --quick)")
+    tok = Tokenizer.resolve(run.tokenizer, run.checkpoint)
+    model = load_pretrained(run.checkpoint, run.device, PRECISIONS[run.precision or default_precision(run.device)])
     tok.check_vocab(model.cfg.vocab_size)
-    head, cfg = TokenHead(model), tune_config(args)
-    methods = METHODS if args.method == "all" else (args.method,)
-    out = Path(args.out or "context_tuning_results.jsonl")
+    io = TokenIO(model.eval())
+    methods = METHODS if run.method == "all" else (run.method,)
+    out = Path(run.out or "context_tuning_results.jsonl")
     done = read_results(out)
     for task in tasks:
-        ep = token_episode(model, tok, task, args.truncate_demos)
+        ep = token_episode(model, tok, task, run.truncate_demos)
         for method in methods:
             if (task.name, method) in done:
                 print(f"{task.name} {method}: done in {out}, skipping")
                 continue
             start = time.time()
-            answer_model, prefix_kv = adapt(method, model, head, ep, cfg)
+            answer_model, prefix_kv = adapt(method, model, io, ep, cfg)
             tuned = time.time() - start
-            accuracy = evaluate_task(answer_model, head, tok, prefix_kv, task, args.max_new_tokens)
+            accuracy = evaluate_task(answer_model, tok, prefix_kv, task, run.max_new_tokens)
             result = {"task": task.name, "method": method, "k": len(ep.demos), "accuracy": accuracy,
                       "n_queries": len(task.queries), "tune_seconds": round(tuned, 2), "config": asdict(cfg)}
-            with open(out, "a") as f:
+            with open(out, "a") as f:  # one line per finished (task, method): a killed run resumes after it
                 f.write(json.dumps(result) + "\n")
             print(f"{task.name} {method}: accuracy {accuracy:.4f} ({len(task.queries)} queries, tuned {tuned:.1f}s)")
             del answer_model, prefix_kv
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", help="Hugging Face Llama folder (config.json + safetensors)")
-    parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model of the checkpoint")
-    parser.add_argument("--tasks", default="multifin-en",
-                        help=f"a task JSONL file, or a shared dataset: {', '.join(TEXT_TASKS)}")
-    parser.add_argument("--data-dir", default=str(ev.DEFAULT_DATA_DIR), help="folder of the shared datasets")
-    parser.add_argument("--k", type=int, default=16, help="demonstrations per task (shared datasets)")
-    parser.add_argument("--max-queries", type=int, default=0, help="random subset of test queries per task (0: all)")
-    parser.add_argument("--write-tasks", help="write the k-shot tasks as JSONL to this new file and stop")
-    parser.add_argument("--method", default="ct-kv", choices=METHODS + ("all",))
-    parser.add_argument("--steps", type=int, default=200, help="optimisation steps (epochs over the k pairs)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of K/V, prompts and prefixes")
-    parser.add_argument("--lora-lr", type=float, default=1e-4, help="TTT's LoRA learning rate")
-    parser.add_argument("--lora-rank", type=int, default=64)
-    parser.add_argument("--dropout", type=float, default=0.05, help="token dropout rate on the prefix (CT methods)")
-    parser.add_argument("--no-leave-one-out", action="store_true", help="do not hide demonstration i from pair i")
-    parser.add_argument("--prompt-len", type=int, default=32, help="m for prompt and prefix tuning")
-    parser.add_argument("--micro-batch", type=int, default=0, help="pairs per forward/backward (0: all k)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy answers to queries without options")
-    parser.add_argument("--truncate-demos", action="store_true",
-                        help="drop the earliest demonstrations (with a warning) when the context is too long")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="results: a JSONL file (resumed when it exists); with --quick, a folder")
-    parser.add_argument("--quick", action="store_true",
-                        help="synthetic reproduction on the in-context regression transformer (CPU, minutes)")
-    parser.add_argument("--seeds", type=int, default=3, help="--quick: seeds to average over")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                        choices=["float32", "bfloat16"])
-    args = parser.parse_args(argv)
+def check_ranges(args):
     for name in ("k", "steps", "prompt_len", "lora_rank", "seeds"):
-        if getattr(args, name) < (0 if name == "steps" else 1):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 <= args.dropout < 1:
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name == "steps" else 1):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= getattr(args, "dropout", 0.0) < 1:
         raise SystemExit(f"error: --dropout must be in [0, 1), got {args.dropout}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_flags(parser, CTRunConfig)
+    add_config_flags(parser, TuneConfig)
+    add_config_flags(parser, CTQuickConfig)
+    args = parser.parse_args(argv)
+    check_ranges(args)
+    run = config_from_args(CTRunConfig, args)
     try:
-        if args.quick:
-            run_quick(args)
+        if run.quick:  # reads only --seeds: the experiment's other settings are CTQuickConfig's, not the text flags
+            run_quick(run.out, CTQuickConfig(seeds=args.seeds) if "seeds" in args else CTQuickConfig())
         else:
-            run_text_tasks(args)
+            run_text_tasks(run, config_from_args(TuneConfig, args))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"error: {e}")
 

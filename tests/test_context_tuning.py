@@ -7,9 +7,13 @@ import pytest
 import torch
 
 import context_tuning as ct
+import ct_regression
+import icl_regression
+import scoring
 from conftest import SHARED_DATA, tiny_cfg
 from data import Tokenizer
-from model import AttentionMask, allowed, create_model, save_pretrained
+from hf_checkpoint import save_pretrained
+from model import AttentionMask, MaskLayout, allowed, create_model, prefill
 
 TASK = {"name": "toy", "demos": [{"input": "The patient reported", "output": "pain"},
                                  {"input": "A company showed", "output": "profits in the first quarter"},
@@ -41,7 +45,7 @@ def test_leave_one_out_hides_exactly_span_i(setup):
     _, _, _, ep = setup
     spans, k, P = ep.spans(), len(ep.demos), ep.context().shape[1]
     T = ep.pairs()[0].shape[1]
-    mask = AttentionMask(hidden_span=spans, prefix_len=P)
+    mask = MaskLayout(AttentionMask(hidden_span=spans), prefix_len=P)
     b, q, kv = torch.arange(k)[:, None, None], torch.arange(T)[None, :, None], torch.arange(P + T)[None, None, :]
     got = allowed(mask, b, q, kv)
     in_span = (kv >= spans[:, 0, None, None]) & (kv < spans[:, 1, None, None])
@@ -51,13 +55,13 @@ def test_leave_one_out_hides_exactly_span_i(setup):
 def test_gradient_of_pair_i_wrt_demo_i_kv_is_zero(setup):
     tok, model, _, ep = setup
     spans = ep.spans()
-    kv = [(k.clone().requires_grad_(), v.clone().requires_grad_()) for k, v in ct.prefix_kv_of(model, ep.context())]
+    kv = [(k.clone().requires_grad_(), v.clone().requires_grad_()) for k, v in prefill(model, embeds=ep.context())]
     pairs = ep.pairs()
     generator = torch.Generator().manual_seed(0)
     for i in range(len(ep.demos)):
         rows = torch.tensor([i])
         dropped = ct.dropout_mask(1, spans[-1, 1].item(), 0.1, generator, "cpu")
-        loss = ct.kv_pair_losses(model, head := ct.TokenHead(model), pairs, rows, kv, spans, dropped).sum()
+        loss = ct.kv_pair_losses(model, io := ct.TokenIO(model), pairs, rows, kv, spans, dropped).sum()
         grads = torch.autograd.grad(loss, [t for layer in kv for t in layer])
         s, e = spans[i].tolist()
         for g in grads:
@@ -66,7 +70,7 @@ def test_gradient_of_pair_i_wrt_demo_i_kv_is_zero(setup):
     # CT-Prompt's strict leave-one-out: demonstration i's embeddings get no gradient from pair i either.
     prompt = ep.context().clone().requires_grad_()
     for i in range(len(ep.demos)):
-        loss = ct.prompt_pair_losses(model, head, pairs, torch.tensor([i]), prompt, spans).sum()
+        loss = ct.prompt_pair_losses(model, io, pairs, torch.tensor([i]), prompt, spans).sum()
         (g,) = torch.autograd.grad(loss, prompt)
         s, e = spans[i].tolist()
         assert torch.equal(g[:, s:e], torch.zeros_like(g[:, s:e])) and g.abs().sum() > 0
@@ -78,7 +82,7 @@ def test_dropout_hits_only_prefix_positions_at_rate_p(setup):
     dropped = ct.dropout_mask(400, P, p, generator, "cpu")
     assert dropped.shape == (400, P) and abs(dropped.float().mean().item() - p) < 0.01
     assert ct.dropout_mask(4, P, 0.0, generator, "cpu") is None
-    mask = AttentionMask(dropped=dropped, prefix_len=P)
+    mask = MaskLayout(AttentionMask(dropped=dropped), prefix_len=P)
     b, q, kv = torch.arange(400)[:, None, None], torch.arange(T)[None, :, None], torch.arange(P + T)[None, None, :]
     got = allowed(mask, b, q, kv)
     assert torch.equal(got[:, :, P:], (kv <= P + q)[..., P:].expand(400, T, T))  # query keys never dropped
@@ -92,10 +96,10 @@ def query_logits(model, prefix_kv, tok, text):
 def test_zero_steps_of_ct_kv_and_ct_prompt_reproduce_icl_exactly(setup):
     tok, model, task, ep = setup
     cfg = ct.TuneConfig(steps=0, progress=False)
-    head = ct.TokenHead(model)
-    icl = query_logits(model, ct.adapt("icl", model, head, ep, cfg)[1], tok, "We treated inflammation")
+    io = ct.TokenIO(model)
+    icl = query_logits(model, ct.adapt("icl", model, io, ep, cfg)[1], tok, "We treated inflammation")
     for method in ("ct-kv", "ct-prompt"):
-        _, prefix_kv = ct.adapt(method, model, head, ep, cfg)
+        _, prefix_kv = ct.adapt(method, model, io, ep, cfg)
         assert torch.equal(query_logits(model, prefix_kv, tok, "We treated inflammation"), icl), method
     # ...and ICL through the prefix is the same computation as one pass over [context, query].
     query = tok.encode("We treated inflammation")
@@ -109,42 +113,42 @@ def test_options_are_scored_by_mean_per_token_loss(setup):
     query = ct.Query("We treated", "the risk", ["pain", "the risk", "profits in the first quarter", "revenue"])
     x = tok.encode(query.input)
 
-    def mean_loss(option):
-        ids = x + tok.encode(option)
+    def mean_loss(option):  # continuation tokens by scoring.py's one rule, as the demonstrations are tokenized
+        ids = x + scoring.option_tokens(tok, x, query.input, option)
         inputs = torch.cat([ep.context()[0], model.embed_tokens(torch.tensor(ids))])[None]
         logp = model(embeds=inputs)[0, -len(ids):].log_softmax(-1)[len(x) - 1:-1]
         return -logp.gather(1, torch.tensor(ids[len(x):])[:, None]).mean().item()
     losses = {o: mean_loss(o) for o in query.options}
     assert len(set(losses.values())) == len(losses)  # no ties: the test can tell options apart
-    prefix_kv = ct.prefix_kv_of(model, ep.context())
-    assert ct.answer(model, ct.TokenHead(model), tok, prefix_kv, query, 4) == min(losses, key=losses.get)
+    prefix_kv = prefill(model, embeds=ep.context())
+    assert ct.choose_options(model, tok, prefix_kv, "toy", [query]) == [min(losses, key=losses.get)]
 
 
 def test_training_pairs_sit_at_positions_from_P(setup):
     """Pair i after the prefix gives the same loss as one plain causal pass over [context, demonstration i]: rotary
     positions continue at P (a pair re-started at 0 would not match)."""
     _, model, _, ep = setup
-    head, pairs = ct.TokenHead(model), ep.pairs()
-    kv = ct.prefix_kv_of(model, ep.context())
-    losses = ct.kv_pair_losses(model, head, pairs, torch.arange(len(ep.demos)), kv)
+    io, pairs = ct.TokenIO(model), ep.pairs()
+    kv = prefill(model, embeds=ep.context())
+    losses = ct.kv_pair_losses(model, io, pairs, torch.arange(len(ep.demos)), kv)
     for i, demo in enumerate(ep.demos):
         hidden = model.hidden_states(embeds=torch.cat([ep.context()[0], demo.embeds])[None])[:, -len(demo.embeds):]
-        expected = ct.row_losses(head, hidden, demo.targets[None], demo.keep[None])
+        expected = ct.row_losses(io, hidden, demo.targets[None], demo.in_loss[None])
         torch.testing.assert_close(losses[i:i + 1], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_methods_train_and_leave_the_model_untouched(setup):
     tok, model, task, ep = setup
-    head, pairs, rows = ct.TokenHead(model), ep.pairs(), torch.arange(len(ep.demos))
+    io, pairs, rows = ct.TokenIO(model), ep.pairs(), torch.arange(len(ep.demos))
     before = {n: p.clone() for n, p in model.state_dict().items()}
     cfg = ct.TuneConfig(steps=15, lr=1e-2, lora_lr=1e-2, dropout=0.0, leave_one_out=False, progress=False)
-    start = ct.kv_pair_losses(model, head, pairs, rows, ct.prefix_kv_of(model, ep.context())).mean()
+    start = ct.kv_pair_losses(model, io, pairs, rows, prefill(model, embeds=ep.context())).mean()
     for method in ct.METHODS:
-        answer_model, prefix_kv = ct.adapt(method, model, head, ep, cfg)
+        answer_model, prefix_kv = ct.adapt(method, model, io, ep, cfg)
         if method in ("ct-kv", "ttt+ct-kv", "ttt"):
-            tuned = ct.kv_pair_losses(answer_model, head, pairs, rows, prefix_kv).mean()
+            tuned = ct.kv_pair_losses(answer_model, io, pairs, rows, prefix_kv).mean()
             assert tuned < start, method  # training on the pairs (no leave-one-out here) lowers their loss
-        assert 0.0 <= ct.evaluate_task(answer_model, head, tok, prefix_kv, task, 4, progress=False) <= 1.0
+        assert 0.0 <= ct.evaluate_task(answer_model, tok, prefix_kv, task, 4, progress=False) <= 1.0
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # TTT adapts a copy
 
 
@@ -152,7 +156,7 @@ def test_bf16_keeps_fp32_master_kv(setup):
     tok, model, task, _ = setup
     bf16 = create_model(model.cfg, dtype=torch.bfloat16, seed=0).eval()
     ep = ct.token_episode(bf16, tok, task)
-    prefix = ct.adapt("ct-kv", bf16, ct.TokenHead(bf16), ep, ct.TuneConfig(steps=2, progress=False))[1]
+    prefix = ct.adapt("ct-kv", bf16, ct.TokenIO(bf16), ep, ct.TuneConfig(steps=2, progress=False))[1]
     assert prefix[0][0].dtype == torch.bfloat16 and prefix[0][0].shape[0] == 1  # one shared prefix, not per row
 
 
@@ -165,7 +169,7 @@ def write_jsonl(path, objs):
     (lambda t: t.update(demos=[]), "task has no demonstrations"),
     (lambda t: t.pop("demos"), "task has no demonstrations"),
     (lambda t: t["queries"][0].update(options=["revenue", "pain"]), "do not contain the gold output 'inflammation'"),
-    (lambda t: t["demos"][1].pop("output"), "demos[1]: expected field \"output\""),
+    (lambda t: t["demos"][1].pop("output"), "demos[1]: no field 'output'"),
     (lambda t: t.update(queries=[]), "task has no queries"),
 ])
 def test_bad_task_files_fail_with_one_clear_line(tmp_path, change, message):
@@ -174,9 +178,9 @@ def test_bad_task_files_fail_with_one_clear_line(tmp_path, change, message):
     path = write_jsonl(tmp_path / "tasks.jsonl", [TASK, task])
     with pytest.raises(SystemExit) as e:
         ct.main(["--tasks", str(path), "--write-tasks", str(tmp_path / "out.jsonl")])
-    assert str(e.value).startswith(f"error: {path}, line 2: ") and message in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"error: {path}:2: ") and message in str(e.value) and "\n" not in str(e.value)
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(SystemExit, match="bad.jsonl, line 1: not valid JSON"):
+    with pytest.raises(SystemExit, match="bad.jsonl:1: not valid JSON"):
         ct.main(["--tasks", str(tmp_path / "bad.jsonl"), "--write-tasks", str(tmp_path / "out.jsonl")])
 
 
@@ -196,7 +200,7 @@ def test_cli_runs_writes_and_resumes(setup, tmp_path, tokenizer_path, capsys):
     tasks = write_jsonl(tmp_path / "tasks.jsonl", [TASK])
     out = tmp_path / "results.jsonl"
     argv = ["--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", tokenizer_path, "--tasks", str(tasks),
-            "--method", "ct-kv", "--steps", "2", "--out", str(out), "--device", "cpu", "--dtype", "float32"]
+            "--method", "ct-kv", "--steps", "2", "--out", str(out), "--device", "cpu", "--precision", "fp32"]
     ct.main(argv)
     result = json.loads(out.read_text())
     assert result["task"] == "toy" and result["method"] == "ct-kv" and result["k"] == 4 and result["n_queries"] == 2
@@ -204,7 +208,7 @@ def test_cli_runs_writes_and_resumes(setup, tmp_path, tokenizer_path, capsys):
     assert "skipping" in capsys.readouterr().out and len(out.read_text().splitlines()) == 1
     with pytest.raises(SystemExit, match="exists; refusing to overwrite"):
         ct.main(["--tasks", str(tasks), "--write-tasks", str(tasks)])
-    with pytest.raises(SystemExit, match="--checkpoint and --tokenizer are required"):
+    with pytest.raises(SystemExit, match="--checkpoint is required"):
         ct.main(["--tasks", str(tasks)])
 
 
@@ -229,20 +233,20 @@ def test_converters_make_k_shot_tasks_from_the_shared_data(tmp_path):
 
 
 def test_regression_backbone_icl_matches_synthetic_forward_and_quick_experiment_runs():
-    """On synthetic.py's regression transformer: ICL through the prefix predicts what the model's own forward over
+    """On icl_regression.py's regression transformer: ICL through the prefix predicts what the model's own forward over
     [demonstrations, query] predicts; the --quick experiment reports every method and the ablation."""
-    import synthetic as sy
-    reg = sy.build_model(sy.PRESETS["test"], seed=0).eval().requires_grad_(False)
-    head = ct.RegressionHead(reg)
-    task = sy.sample_tasks("shifted-linear", 1, 5, reg.n_dims, sy.generator("cpu", 0, "t"))
+    reg = icl_regression.build_regression_model(icl_regression.REGRESSION_PRESETS["test"], seed=0)
+    reg = reg.eval().requires_grad_(False)
+    io = ct_regression.RegressionIO(reg)
+    task = icl_regression.sample_tasks("shifted-linear", 1, 5, reg.n_dims, icl_regression.generator("cpu", 0, "t"))
     xs, ys = task.xs[0], task.values()[0]
-    ep = ct.regression_episode(head, xs[:4], ys[:4])
-    _, prefix_kv = ct.adapt("icl", reg.backbone, head, ep, ct.TuneConfig(progress=False))
-    hidden = reg.backbone.hidden_states(embeds=head.embed(xs[None, 4:], ys[None, 4:] * 0)[:, :1], prefix_kv=prefix_kv)
+    ep = ct.regression_episode(io, xs[:4], ys[:4])
+    _, prefix_kv = ct.adapt("icl", reg.backbone, io, ep, ct.TuneConfig(progress=False))
+    hidden = reg.backbone.hidden_states(embeds=io.embed(xs[None, 4:], ys[None, 4:] * 0)[:, :1], prefix_kv=prefix_kv)
     torch.testing.assert_close(reg.read_out(hidden)[0, 0, 0], reg(xs[None], ys[None])[0, -1], atol=1e-5, rtol=1e-5)
-    assert ct.regression_mse(reg.backbone, head, prefix_kv, xs[4:], ys[4:]) == pytest.approx(
+    assert ct_regression.regression_mse(reg.backbone, io, prefix_kv, xs[4:], ys[4:]) == pytest.approx(
         (reg(xs[None], ys[None])[0, -1] - ys[4]).item() ** 2, rel=1e-4)
-    q = ct.QuickConfig(k=3, tasks_per_seed=1, queries_per_task=4, seeds=2, steps=2)
+    q = ct_regression.CTQuickConfig(k=3, tasks_per_seed=1, queries_per_task=4, seeds=2, steps=2)
     results = ct.quick_experiment(reg, q, progress=False)
     assert set(results) == set(ct.METHODS) | set(ct.ABLATION)
     for name, r in results.items():
