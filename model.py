@@ -187,10 +187,18 @@ def default_precision(device) -> str:
 _llama2_7b = ModelConfig()
 _llama2_13b = ModelConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824)
 _llama2_70b = ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672)
+_llama3_rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+_llama31_8b = ModelConfig(vocab_size=128256, n_kv_heads=8, ffn_dim=14336, rope_theta=500000.0, max_seq_len=131072,
+                          rope_scaling=_llama3_rope, bos_token_id=128000, eos_token_id=128001)
+_llama32_1b = replace(_llama31_8b, dim=2048, n_layers=16, ffn_dim=8192, tie_embeddings=True,
+                      rope_scaling=_llama3_rope | {"factor": 32.0})
+_llama3 = {"llama3.1-8b": _llama31_8b, "llama3.2-1b": _llama32_1b,
+           "llama3.2-3b": replace(_llama32_1b, dim=3072, n_layers=28, n_heads=24)}
 MODEL_PRESETS = {
-    "llama2-7b": _llama2_7b, "llama2-7b-chat": _llama2_7b,
-    "llama2-13b": _llama2_13b, "llama2-13b-chat": _llama2_13b,
-    "llama2-70b": _llama2_70b, "llama2-70b-chat": _llama2_70b,
+    "llama2-7b": _llama2_7b, "llama2-7b-chat": _llama2_7b, "llama2-13b": _llama2_13b, "llama2-13b-chat": _llama2_13b,
+    "llama2-70b": _llama2_70b, "llama2-70b-chat": _llama2_70b, **_llama3,  # instruct: eos = end of text, message, turn
+    **{f"{name}-instruct": replace(cfg, eos_token_id=[128001, 128008, 128009]) for name, cfg in _llama3.items()},
     # 8.9M parameters (most of them the 32k-token embeddings), grouped-query attention: CPU tests and demos.
     "tiny": ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=1024),
 }
