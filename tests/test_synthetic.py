@@ -1,5 +1,5 @@
-"""synthetic.py: task generators, prompt constructions, the inner-product metric, the model, checkpoints and resume,
-and the end-to-end claim at test scale (CFT beats CPT on the polynomial class)."""
+"""synthetic.py: prompt constructions, the inner-product metric, resume of pretraining and fine-tuning, the CLI's
+errors, and the end-to-end claim at test scale (CFT beats CPT on the polynomial class)."""
 import dataclasses
 import json
 import math
@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import icl_regression as R
 import synthetic as S
 
 
@@ -24,74 +25,18 @@ def one_thread():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Tasks
-
-
-@pytest.mark.parametrize("task", S.SAMPLER_TASKS)
-def test_sample_tasks_shapes_and_seeding(task):
-    batch = S.sample_tasks(task, 8, 5, 3, gen(1))
-    assert batch.xs.shape == (8, 5, 3) and batch.w.shape == (8, 3) and batch.v.shape == (8, 3)
-    assert batch.values().shape == (8, 5)
-    again, other = S.sample_tasks(task, 8, 5, 3, gen(1)), S.sample_tasks(task, 8, 5, 3, gen(2))
-    assert torch.equal(batch.xs, again.xs) and torch.equal(batch.w, again.w)
-    assert not torch.equal(batch.xs, other.xs)
-
-
-def test_sample_tasks_distributions():
-    batch = S.sample_tasks("linear", 4000, 10, 4, gen())
-    for name, t in (("x", batch.xs), ("w", batch.w), ("v", batch.v)):
-        assert abs(t.mean().item()) < 0.03, name
-        assert abs(t.var().item() - 1) < 0.05, name
-    # f = w^T x has variance d; x's coordinates are uncorrelated
-    assert abs(batch.values().var().item() - 4) < 0.3
-    cov = torch.cov(batch.xs.reshape(-1, 4).T)
-    assert torch.allclose(cov, torch.eye(4), atol=0.03)
-    shifted = S.sample_tasks("shifted-linear", 4000, 2, 4, gen(), w_shift=1.5)
-    assert abs(shifted.w.mean().item() - 1.5) < 0.03 and abs(shifted.w.var().item() - 1) < 0.05
-
-
-def test_task_values():
-    batch = S.sample_tasks("polynomial", 6, 4, 3, gen())
-    f = (batch.xs * batch.w[:, None]).sum(-1)
-    fv = (batch.xs * batch.v[:, None]).sum(-1)
-    expected = {"linear": f, "shifted-linear": f, "polynomial": f + f * f, "relu": f.clamp(min=0), "sumdot": f + fv}
-    for task, values in expected.items():
-        assert torch.allclose(dataclasses.replace(batch, task=task).values(), values, atol=1e-6), task
-
-
-@pytest.mark.parametrize("task", S.SAMPLER_TASKS)
-def test_true_gradient_equals_autograd(task):
-    batch = S.sample_tasks(task, 16, 1, 5, gen(3))
-    x = batch.xs[:, 0].clone().requires_grad_(True)
-    (autograd,) = torch.autograd.grad(batch.values(x[:, None]).sum(), x)
-    assert torch.allclose(batch.gradient(x.detach()), autograd, atol=1e-5)
-    # the official code's formula is the polynomial gradient whatever the task
-    poly = dataclasses.replace(batch, task="polynomial")
-    assert torch.allclose(batch.official_gradient(x.detach()), poly.gradient(x.detach()))
-
-
-def test_curriculum_zeroes_trailing_dims_and_grows():
-    batch = S.sample_tasks("linear", 4, 6, 5, gen(), active_dims=2)
-    assert batch.xs[..., 2:].abs().sum() == 0 and batch.xs[..., :2].abs().min() > 0
-    cfg = S.PRESETS["full"]
-    assert S.curriculum(cfg, 0) == (5, 11)
-    assert S.curriculum(cfg, cfg.curriculum_every) == (6, 13)
-    assert S.curriculum(cfg, 10 ** 9) == (20, 41)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Prompt constructions
 
 
 def test_cpt_prompt_has_no_context():
-    batch = S.sample_tasks("polynomial", 4, 6, 3, gen())
+    batch = R.sample_tasks("polynomial", 4, 6, 3, gen())
     prompt = S.build_prompt("cpt", batch, gen(1))
     assert prompt.n_context == 0
     assert torch.equal(prompt.xs, batch.xs) and torch.equal(prompt.ys, batch.values())
 
 
 def test_cft_context_repeats_query_xs_with_base_labels():
-    batch = S.sample_tasks("sumdot", 4, 6, 3, gen())
+    batch = R.sample_tasks("sumdot", 4, 6, 3, gen())
     prompt = S.build_prompt("cft", batch, gen(1))
     assert prompt.n_context == 6 and prompt.xs.shape == (4, 12, 3)
     assert torch.equal(prompt.xs[:, :6], prompt.xs[:, 6:]) and torch.equal(prompt.xs[:, 6:], batch.xs)
@@ -106,22 +51,13 @@ def test_cft_context_repeats_query_xs_with_base_labels():
 @pytest.mark.parametrize("matched", [False, True])
 def test_neg_cft_context_labels_are_noise(matched):
     d = 16
-    batch = S.sample_tasks("polynomial", 2000, 5, d, gen())
+    batch = R.sample_tasks("polynomial", 2000, 5, d, gen())
     prompt = S.build_prompt("neg-cft", batch, gen(1), matched_noise=matched)
     noise, f = prompt.ys[:, :5], batch.base()
     assert torch.equal(prompt.xs[:, :5], batch.xs) and torch.equal(prompt.ys[:, 5:], batch.values())
     assert abs(noise.std().item() - (math.sqrt(d) if matched else 1.0)) < 0.05 * (math.sqrt(d) if matched else 1.0)
     correlation = torch.corrcoef(torch.stack([noise.flatten(), f.flatten()]))[0, 1]
     assert abs(correlation) < 0.03  # independent of the task
-
-
-def test_interleave_layout():
-    xs = torch.arange(12.0).reshape(1, 3, 4)
-    ys = torch.tensor([[100.0, 200.0, 300.0]])
-    tokens = S.interleave(xs, ys)
-    assert tokens.shape == (1, 6, 4)
-    assert torch.equal(tokens[0, 0::2], xs[0])
-    assert torch.equal(tokens[0, 1::2], torch.tensor([[100.0, 0, 0, 0], [200.0, 0, 0, 0], [300.0, 0, 0, 0]]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -145,7 +81,7 @@ class KnownGradientModel(torch.nn.Module):
 @pytest.mark.parametrize("task,method", [("polynomial", "cpt"), ("relu", "cft"), ("sumdot", "neg-cft")])
 def test_inner_product_against_known_gradient(task, method):
     d = 4
-    batch = S.sample_tasks(task, 64, 5, d, gen())
+    batch = R.sample_tasks(task, 64, 5, d, gen())
     prompt = S.build_prompt(method, batch, gen(1))
     u, s = torch.randn(d, generator=gen(2)), torch.randn(d, generator=gen(3))
     got = S.inner_products(KnownGradientModel(u, s), prompt, batch)
@@ -167,74 +103,25 @@ def test_inner_product_against_known_gradient(task, method):
 # The model
 
 
-def tiny_model(seed=0):
-    return S.build_model(S.PRESETS["test"], seed).eval()
-
-
-def test_regression_transformer_shapes_and_causality():
-    model = tiny_model()
-    assert set(vars(model)["_modules"]) == {"read_in", "backbone", "read_out"}
-    batch = S.sample_tasks("linear", 2, 7, 3, gen())
-    ys = batch.values()
-    with torch.no_grad():
-        preds = model(batch.xs, ys)
-        assert preds.shape == (2, 7)
-        # prediction i sees x_1, y_1, ..., x_i: changing y_4 and x_5 leaves predictions 1..4 unchanged
-        xs2, ys2 = batch.xs.clone(), ys.clone()
-        ys2[:, 3] += 5
-        xs2[:, 4] += 5
-        preds2 = model(xs2, ys2)
-    assert torch.equal(preds[:, :4], preds2[:, :4]) and not torch.allclose(preds[:, 4:], preds2[:, 4:])
-
-
-def test_prompt_offset_does_not_change_predictions():
-    """Rotary positions are relative: the official UFT defect (targets on absolute positions 82-163) cannot occur."""
-    model = tiny_model()
-    batch = S.sample_tasks("linear", 2, 7, 3, gen())
-    with torch.no_grad():
-        plain = model(batch.xs, batch.values())
-        shifted = model(batch.xs, batch.values(), positions=torch.arange(14) + 14)
-    assert torch.allclose(plain, shifted, atol=1e-5)
-
-
-def test_checkpoint_round_trip_and_interrupted_save(tmp_path):
-    model = tiny_model(seed=5)
-    meta = {"n_dims": 3, "model_config": dataclasses.asdict(S.PRESETS["test"].model_config()), "step": 7}
-    S.save_checkpoint(tmp_path / "ckpt", model, meta)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["meta.json", "model.safetensors"]
-    loaded, loaded_meta = S.load_model(tmp_path / "ckpt")
-    assert loaded_meta == meta
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
-    # a save interrupted between its two renames leaves only CKPT.old: it is still found
-    (tmp_path / "ckpt").rename(tmp_path / "ckpt.old")
-    assert S.load_model(tmp_path / "ckpt")[1]["step"] == 7
-    with pytest.raises(FileNotFoundError, match="not a synthetic.py checkpoint"):
-        S.load_model(tmp_path / "missing")
-    (tmp_path / "ckpt.old" / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(ValueError, match="ckpt.old/model.safetensors: not a readable safetensors file"):
-        S.load_model(tmp_path / "ckpt")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Resume and the end-to-end run
 
 
 def small_cfg(**overrides):
-    return dataclasses.replace(S.PRESETS["test"], pretrain_steps=12, warmup_steps=3, curriculum_dims=1,
+    return dataclasses.replace(S.SYNTHETIC_PRESETS["test"], pretrain_steps=12, warmup_steps=3, curriculum_dims=1,
                                curriculum_points=3, curriculum_every=4, finetune_steps=6, metric_every=2, **overrides)
 
 
 def state(path):
-    return S.load_model(path)[0].state_dict()
+    return R.load_regression_model(path)[0].state_dict()
 
 
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = small_cfg()
-    assert S.pretrain(cfg, tmp_path / "a", "cpu")
-    assert not S.pretrain(cfg, tmp_path / "b", "cpu", stop_at=5)  # paused mid-curriculum, optimizer state saved
-    assert S.read_meta(tmp_path / "b" / "pretrain")["step"] == 5
-    assert S.pretrain(cfg, tmp_path / "b", "cpu")
+    assert R.pretrain(cfg, tmp_path / "a", "cpu")
+    assert not R.pretrain(cfg, tmp_path / "b", "cpu", stop_at=5)  # paused mid-curriculum, optimizer state saved
+    assert R.read_meta(tmp_path / "b" / "pretrain")["step"] == 5
+    assert R.pretrain(cfg, tmp_path / "b", "cpu")
     for name, tensor in state(tmp_path / "a" / "pretrain").items():
         assert torch.equal(tensor, state(tmp_path / "b" / "pretrain")[name]), name
     # fine-tuning: the same, including the recorded inner-product history and the evaluation
@@ -244,7 +131,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     run_a, run_b = (tmp_path / x / "finetune" / "relu-cft-s0" for x in "ab")
     for name, tensor in state(run_a).items():
         assert torch.equal(tensor, state(run_b)[name]), name
-    assert S.read_meta(run_a)["history"] == S.read_meta(run_b)["history"]
+    assert R.read_meta(run_a)["history"] == R.read_meta(run_b)["history"]
     assert (run_a / "eval.json").read_text() == (run_b / "eval.json").read_text()
 
 
@@ -259,7 +146,7 @@ def test_quick_run_cft_beats_cpt_on_polynomial(tmp_path):
     """The paper's headline at test scale, through the CLI: pretrain, the whole grid, results.json."""
     S.main(["all", "--preset", "test", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == set(S.TASKS) and all(set(r) == set(S.METHODS) for r in results.values())
+    assert set(results) == set(S.FINETUNE_TASKS) and all(set(r) == set(S.FINETUNE_METHODS) for r in results.values())
     for by_method in results.values():
         for r in by_method.values():
             assert math.isfinite(r["mse"]) and -1 <= r["inner_product"] <= 1
