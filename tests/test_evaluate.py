@@ -1,107 +1,15 @@
-"""evaluate.py: published prompt formats, option scoring, sklearn-equal metrics, fast path == plain path, bad inputs."""
+"""evaluate.py: sklearn-equal metrics, LoRA adapter and soft prompt files, tables and --compare, the CLI (bad inputs,
+end to end on a tiny random model, torchrun ranks). Prompts: test_benchmark_data.py; scoring: test_scoring.py."""
 import json
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
 
 import evaluate as ev
-from conftest import LLAMA_TOKENIZER, ROOT, SHARED_DATA, needs_data, tiny_cfg, torchrun
-from data import Tokenizer
-from model import apply_lora, create_model
-
-# lm-evaluation-harness `mmlu` (description + first_n dev shots + "\n\n" delimiters), anatomy, 2-shot, test row 1.
-GOLDEN_MMLU = (
-    "The following are multiple choice questions (with answers) about anatomy.\n\n"
-    "What is the embryological origin of the hyoid bone?\nA. The first pharyngeal arch\n"
-    "B. The first and second pharyngeal arches\nC. The second pharyngeal arch\n"
-    "D. The second and third pharyngeal arches\nAnswer: D\n\n"
-    "Which of these branches of the trigeminal nerve contain somatic motor processes?\nA. The supraorbital nerve\n"
-    "B. The infraorbital nerve\nC. The mental nerve\nD. None of the above\nAnswer: D\n\n"
-    "A lesion causing compression of the facial nerve at the stylomastoid foramen will cause ipsilateral\n"
-    "A. paralysis of the facial muscles.\nB. paralysis of the facial muscles and loss of taste.\n"
-    "C. paralysis of the facial muscles, loss of taste and lacrimation.\n"
-    "D. paralysis of the facial muscles, loss of taste, lacrimation and decreased salivation.\nAnswer:")
-# lm-evaluation-harness `medqa_4options`, zero-shot, test row 1.
-GOLDEN_MEDQA = (
-    "Question: A junior orthopaedic surgery resident is completing a carpal tunnel repair with the department chairman "
-    "as the attending physician. During the case, the resident inadvertently cuts a flexor tendon. The tendon is "
-    "repaired without complication. The attending tells the resident that the patient will do fine, and there is no "
-    "need to report this minor complication that will not harm the patient, as he does not want to make the patient "
-    "worry unnecessarily. He tells the resident to leave this complication out of the operative report. Which of the "
-    "following is the correct next action for the resident to take?\n"
-    "A. Disclose the error to the patient and put it in the operative report\n"
-    "B. Tell the attending that he cannot fail to disclose this mistake\n"
-    "C. Report the physician to the ethics committee\nD. Refuse to dictate the operative report\nAnswer:")
-LLAMA_ABCD = [[319], [350], [315], [360]]  # "▁A" "▁B" "▁C" "▁D": what "Answer:" + " A" tokenizes to
-
-
-@needs_data
-def test_golden_mmlu_prompt_and_answer_tokens():
-    q = ev.build_task("mmlu-medical", SHARED_DATA, shots=2, limit=1)[0]
-    assert (q.group, q.prefix + q.text, q.gold) == ("anatomy", GOLDEN_MMLU, 0)
-    enc = ev.encode_question(Tokenizer(LLAMA_TOKENIZER), q)
-    assert enc.context[0] == 1 and enc.continuations == LLAMA_ABCD
-    questions = ev.build_task("mmlu-medical", SHARED_DATA, shots=5)
-    assert len(questions) == 1089 and [sum(q.group == s for q in questions) for s in ev.MMLU_SUBJECTS] == \
-        [135, 265, 144, 173, 100, 272]
-
-
-@needs_data
-def test_golden_medqa_prompt_and_held_out_demonstrations():
-    q = ev.build_task("medqa", SHARED_DATA, shots=0, limit=1)[0]
-    assert (q.prefix + q.text, q.gold) == (GOLDEN_MEDQA, 1)
-    assert ev.encode_question(Tokenizer(LLAMA_TOKENIZER), q).continuations == LLAMA_ABCD
-    # No MedQA train split is staged: k-shot demonstrations come from a fixed pool of test questions, never scored.
-    shots = ev.build_task("medqa", SHARED_DATA, shots=4)
-    assert len(shots) == 1273 - ev.MEDQA_DEMO_POOL
-    demos = shots[0].prefix.split("\n\n")[:-1]
-    assert len(demos) == 4 and not any(d.rsplit(" ", 1)[0] in {q.text for q in shots} for d in demos)
-    # The ICL suite scores the same questions at k = 0 as at k > 0.
-    zero = ev.build_task("medqa", SHARED_DATA, shots=0, same_questions_at_every_k=True)
-    assert [q.text for q in zero] == [q.text for q in shots] and zero[0].prefix == ""
-
-
-@needs_data
-def test_classification_tasks_load_with_demonstrations_outside_the_test_set():
-    sizes = {"fiqa-sa": 235, "causal20": 8628, "multifin": 546}
-    for task, n in sizes.items():
-        q4, q1 = ev.build_task(task, SHARED_DATA, shots=4), ev.build_task(task, SHARED_DATA, shots=1)
-        assert len(q4) == n and q4[0].text.endswith("Answer:")
-        assert q4[0].prefix.startswith(q1[0].prefix) and q4[0].prefix.count("Answer: ") == 4  # nested across k
-        assert not any(q.text in q4[0].prefix for q in q4)
-
-
-def forced_model(bias):
-    """A tiny Transformer whose every position predicts the same distribution: logits = bias."""
-    model = create_model(tiny_cfg(), seed=0).eval()
-    model.lm_head = nn.Linear(model.cfg.dim, model.cfg.vocab_size, bias=True)
-    nn.init.zeros_(model.lm_head.weight)
-    with torch.no_grad():
-        model.lm_head.bias.copy_(bias)
-    return model
-
-
-def test_scoring_picks_the_highest_likelihood_option(tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
-    bias = torch.randn(512, generator=torch.Generator().manual_seed(0))
-    model = forced_model(bias)
-    logprobs = bias.log_softmax(-1)
-    questions = [ev.Question("g", "Header.\n\n", f"The patient reduced the dose {i}.\nAnswer:",
-                             ("pain", "drug", "dose", "risk") if i % 2 else ("B", "the risk", "revenue"), 0)
-                 for i in range(6)]
-    encoded = [ev.encode_question(tok, q) for q in questions]
-    scores = ev.score_fast(model, encoded, batch_tokens=64, progress=False)
-    for enc, s in zip(encoded, scores):
-        expected = [logprobs[c].sum().item() for c in enc.continuations]  # the sum over the option's tokens
-        assert s == pytest.approx(expected, abs=1e-4)
-        assert ev.predict([s]) == [max(range(len(expected)), key=expected.__getitem__)]
-    # Make option C of the single-token questions by far the likeliest: every prediction follows.
-    c_token = encoded[1].continuations[2][-1]
-    bias[c_token] += 50
-    scores = ev.score_fast(forced_model(bias), encoded, progress=False)
-    assert [p for p, q in zip(ev.predict(scores), questions) if len(q.choices) == 4] == [2, 2, 2]
+from conftest import ROOT, needs_data, tiny_cfg, torchrun
+from lora import apply_lora
+from model import create_model
 
 
 def test_f1_matches_sklearn_on_worked_examples():
@@ -114,61 +22,6 @@ def test_f1_matches_sklearn_on_worked_examples():
     # Unequal supports: class a (support 3): TP 2, FP 1, FN 1 -> 2/3; class b (support 1): TP 0 -> 0.
     assert ev.f1_scores(["a", "a", "a", "b"], ["a", "a", "b", "a"]) == pytest.approx((0.5, 1 / 3))
     assert ev.accuracy([1, 2, 3, 4], [1, 2, 0, 0]) == 0.5
-
-
-def synthetic_questions():
-    """Two groups with shared prefixes, single-token and multi-token options, lengths varying from row to row."""
-    words = ["the patient", "a doctor", "the drug", "this trial", "the market", "revenue", "side effects"]
-    questions = []
-    for i in range(10):
-        group = "g1" if i < 6 else "g2"
-        # g1's shared prefix is long enough to be cached (>= MIN_SHARED_PREFIX tokens); g2's is recomputed per row
-        prefix = "The patient reduced the dose in two weeks.\nAnswer: pain\n\n" * 4 if group == "g1" else "We.\n\n"
-        text = " ".join(words[: 2 + i % 5]) + f" {i}.\nAnswer:"
-        # single-token options with the tiny tokenizer ("▁pain", "▁drug", ...) and multi-token ones
-        choices = ("pain", "drug", "dose", "risk") if i % 3 else ("B", "the risk", "the dose in two weeks")
-        questions.append(ev.Question(group, prefix, text, choices, i % len(choices)))
-    return questions
-
-
-def flat(scores):
-    return torch.tensor([x for row in scores for x in row])
-
-
-def test_batched_cached_scoring_equals_the_plain_path(tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
-    model = create_model(tiny_cfg(), seed=0).eval()
-    encoded = [ev.encode_question(tok, q) for q in synthetic_questions()]
-    assert any(ev.single_token(q) for q in encoded) and not all(ev.single_token(q) for q in encoded)
-    g1, g2 = ([q.context for q in encoded if q.group == g] for g in ("g1", "g2"))
-    assert ev.shared_prefix_len(g1) >= ev.MIN_SHARED_PREFIX > ev.shared_prefix_len(g2)
-    plain = ev.score_naive(lambda t: model(t), encoded)
-    for batch_tokens in (1, 48, 4096):  # one row per batch, several padded rows, everything at once
-        for per_row_prefix in (False, True):
-            fast = ev.score_fast(model, encoded, batch_tokens=batch_tokens, progress=False,
-                                 per_row_prefix=per_row_prefix)
-            assert torch.allclose(flat(fast), flat(plain), atol=1e-4), (batch_tokens, per_row_prefix)
-    # torchrun split: each rank scores every other row; together they give the same numbers.
-    halves = [ev.score_fast(model, encoded, batch_tokens=48, rank=r, world=2, progress=False) for r in (0, 1)]
-    assert torch.allclose(flat(halves[0]) + flat(halves[1]), flat(plain), atol=1e-4)
-
-
-def test_soft_prompt_comes_before_bos_and_matches_the_plain_path(tokenizer_path, tmp_path):
-    tok = Tokenizer(tokenizer_path)
-    model = create_model(tiny_cfg(), seed=0).eval()
-    soft = torch.randn(3, model.cfg.dim)
-    save_file({"soft_prompt": soft}, tmp_path / "soft.safetensors")
-    soft = ev.load_soft_prompt(tmp_path / "soft.safetensors", model.cfg.dim)
-    encoded = [ev.encode_question(tok, q) for q in synthetic_questions()]
-
-    def plain_with_soft_prompt(tokens):  # cft.py's ProMoT layout: [soft prompt] + BOS + text
-        logits = model(embeds=torch.cat([soft[None], model.embed_tokens(tokens)], dim=1))
-        return logits[:, len(soft):]  # drop the soft positions' outputs
-
-    plain = ev.score_naive(plain_with_soft_prompt, encoded)
-    fast = ev.score_fast(model, encoded, batch_tokens=48, soft_prompt=soft, progress=False)
-    assert torch.allclose(flat(fast), flat(plain), atol=1e-4)
-    assert not torch.allclose(flat(fast), flat(ev.score_naive(lambda t: model(t), encoded)), atol=1e-3)
 
 
 def test_lora_adapter_file_is_applied(tmp_path):
@@ -193,44 +46,6 @@ def test_lora_adapter_file_is_applied(tmp_path):
         ev.load_lora(create_model(cfg, seed=0), tmp_path / "junk.safetensors")
     with pytest.raises(ev.DataError, match="junk.safetensors: not a safetensors file"):
         ev.load_soft_prompt(tmp_path / "junk.safetensors", cfg.dim)
-
-
-def test_missing_file_names_the_path_and_the_layout(tmp_path):
-    with pytest.raises(ev.DataError) as e:
-        ev.build_task("medqa", tmp_path, shots=0)
-    message = str(e.value)
-    assert str(tmp_path / "medqa-usmle-4opt" / "phrases_no_exclude_test.jsonl") in message
-    assert "expected layout" in message and "mmlu-medical/test/<subject>_test.csv" in message
-
-
-def test_malformed_rows_name_the_file_and_line(tmp_path):
-    mmlu = tmp_path / "mmlu-medical"
-    (mmlu / "dev").mkdir(parents=True)
-    (mmlu / "test").mkdir()
-    (mmlu / "dev" / "anatomy_dev.csv").write_text("q,a,b,c,d,A\n")
-    (mmlu / "test" / "anatomy_test.csv").write_text('q1,a,b,c,d,B\n"multi\nline q",a,b,c,d,C\nq3,a,b,c,E\n')
-    with pytest.raises(ev.DataError, match=r"anatomy_test.csv, line 4: expected 6 ','-separated fields, found 5"):
-        ev.build_task("mmlu-medical", tmp_path, shots=1)
-    (mmlu / "test" / "anatomy_test.csv").write_text("q1,a,b,c,d,B\nq2,a,b,c,d,E\n")
-    with pytest.raises(ev.DataError, match=r"anatomy_test.csv, line 2: answer 'E' is not one of A, B, C, D"):
-        ev.build_task("mmlu-medical", tmp_path, shots=1)
-    medqa = tmp_path / "medqa-usmle-4opt"
-    medqa.mkdir()
-    good = json.dumps({"question": "q", "options": dict(A="a", B="b", C="c", D="d"), "answer_idx": "A"})
-    (medqa / "phrases_no_exclude_test.jsonl").write_text(good + "\n" + good + "\n{not json\n")
-    with pytest.raises(ev.DataError, match=r"phrases_no_exclude_test.jsonl, line 3: not valid JSON"):
-        ev.build_task("medqa", tmp_path, shots=0)
-    (medqa / "phrases_no_exclude_test.jsonl").write_text(good + "\n" + json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(ev.DataError, match=r"phrases_no_exclude_test.jsonl, line 2: missing key 'options'"):
-        ev.build_task("medqa", tmp_path, shots=0)
-    (medqa / "phrases_no_exclude_test.jsonl").write_bytes(good.encode() + b"\n\xff\xfe\n")
-    with pytest.raises(ev.DataError, match=r"phrases_no_exclude_test.jsonl, line 2: not UTF-8 text"):
-        ev.build_task("medqa", tmp_path, shots=0)
-    causal = tmp_path / "fincausal2020"
-    causal.mkdir()
-    (causal / "fnp2020-fincausal-task1_trial_8628.csv").write_text("Index; Text; Gold\n0001; a; 0\n0002; b; 2\n")
-    with pytest.raises(ev.DataError, match=r"trial_8628.csv, line 3: Gold '2' is not 0 or 1"):
-        ev.build_task("causal20", tmp_path, shots=0)
 
 
 def result(name, anatomy, medqa, fiqa):
