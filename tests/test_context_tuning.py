@@ -2,6 +2,7 @@
 ICL at zero steps, positions after the prefix, task files and bad input."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -210,6 +211,14 @@ def test_cli_runs_writes_and_resumes(setup, tmp_path, tokenizer_path, capsys):
         ct.main(["--tasks", str(tasks), "--write-tasks", str(tasks)])
     with pytest.raises(SystemExit, match="--checkpoint is required"):
         ct.main(["--tasks", str(tasks)])
+    # the one tokenizer rule: without --tokenizer, the checkpoint folder's tokenizer.model
+    icl_argv = ["--checkpoint", str(tmp_path / "ckpt"), "--tasks", str(tasks), "--method", "icl", "--out", str(out),
+                "--device", "cpu"]
+    with pytest.raises(SystemExit, match="no tokenizer: .*ckpt has no tokenizer.model; pass --tokenizer"):
+        ct.main(icl_argv)
+    shutil.copy(tokenizer_path, tmp_path / "ckpt" / "tokenizer.model")
+    ct.main(icl_argv)
+    assert [json.loads(line)["method"] for line in out.read_text().splitlines()] == ["ct-kv", "icl"]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "multifin").is_dir(), reason="shared data absent")
