@@ -21,42 +21,96 @@ from atomic import atomic_write
 
 
 class Tokenizer:
-    """sentencepiece wrapper: the project's one tokenizer interface (Llama-2's tokenizer.model or a tiny test one)."""
+    """The project's one tokenizer interface: a sentencepiece tokenizer.model (Llama-2, the tiny test ones) or a
+    Hugging Face tokenizer.json (Llama-3.x, read through the optional `tokenizers` package, imported only then).
+    encode never adds BOS/EOS unless asked (a tokenizer.json's post-processor BOS is not applied)."""
 
     def __init__(self, path):
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer {path}: no such file (expected a sentencepiece tokenizer.model)")
+            raise FileNotFoundError(f"tokenizer {path}: no such file (expected a sentencepiece tokenizer.model or a "
+                                    f"tokenizer.json)")
+        self.path = str(path)
+        self.sp = self.hf = None
+        if path.suffix == ".json":
+            self._load_tokenizer_json(path)
+        else:
+            self._load_sentencepiece(path)
+
+    def _load_sentencepiece(self, path: Path):
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(path))
         except (OSError, RuntimeError) as e:
             raise ValueError(f"tokenizer {path}: not a sentencepiece model ({e})") from None
-        self.path = str(path)
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = max(self.sp.pad_id(), 0)  # Llama-2 defines no pad token: pad with 0 (<unk>), always masked
 
+    def _load_tokenizer_json(self, path: Path):
+        """BOS/EOS ids from config.json beside the file (bos_token_id, eos_token_id: the first of a list, i.e.
+        end of text), else from tokenizer_config.json's bos_token/eos_token strings."""
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise ValueError(f"tokenizer {path}: reading a tokenizer.json needs the `tokenizers` package "
+                             f"(pip install tokenizers)") from None
+        try:
+            self.hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"tokenizer {path}: not a Hugging Face tokenizer.json ({e})") from None
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        config, tokenizer_config = _json_object(path.parent / "config.json"), \
+            _json_object(path.parent / "tokenizer_config.json")
+        ids = {}
+        for kind in ("bos", "eos", "pad"):
+            value = config.get(f"{kind}_token_id")
+            value = value[0] if isinstance(value, list) and value else value
+            token = tokenizer_config.get(f"{kind}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            from_token = self.hf.token_to_id(token) if isinstance(token, str) else None
+            ids[kind] = value if isinstance(value, int) and not isinstance(value, bool) else from_token
+        for kind in ("bos", "eos"):
+            if ids[kind] is None:
+                raise ValueError(f"tokenizer {path}: no {kind.upper()} id (expected {kind}_token_id in config.json or "
+                                 f"{kind}_token in tokenizer_config.json beside it)")
+        self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+        self.pad_id = self.eos_id if ids["pad"] is None else ids["pad"]  # no pad token (Llama-3): any id, masked
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.EncodeAsIds(text) + [self.eos_id] * eos
+        ids = self.sp.EncodeAsIds(text) if self.sp else self.hf.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
-        return self.sp.DecodeIds(list(ids))
+        return self.sp.DecodeIds(list(ids)) if self.sp else self.hf.decode(list(ids))
 
     @classmethod
     def resolve(cls, tokenizer=None, checkpoint=None) -> "Tokenizer":
-        """The one tokenizer rule of every script: --tokenizer FILE, else the checkpoint folder's tokenizer.model."""
-        if tokenizer:
+        """The one tokenizer rule of every script: --tokenizer FILE (or a folder holding one), else the checkpoint
+        folder's tokenizer.model, else its tokenizer.json."""
+        if tokenizer and not Path(tokenizer).is_dir():
             return cls(tokenizer)
-        if checkpoint and (Path(checkpoint) / "tokenizer.model").is_file():
-            return cls(Path(checkpoint) / "tokenizer.model")
-        where = f"{checkpoint} has no tokenizer.model" if checkpoint else "no checkpoint folder was given"
-        raise ValueError(f"no tokenizer: {where}; pass --tokenizer FILE (a sentencepiece tokenizer.model)")
+        folder = tokenizer or checkpoint
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if folder and (Path(folder) / name).is_file():
+                return cls(Path(folder) / name)
+        where = f"{folder} has no tokenizer.model" if folder else "no checkpoint folder was given"
+        raise ValueError(f"no tokenizer: {where}; pass --tokenizer FILE (a sentencepiece tokenizer.model or a "
+                         f"Hugging Face tokenizer.json{'; the folder has no tokenizer.json either' if folder else ''})")
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.vocab_size != vocab_size:
             raise ValueError(f"tokenizer {self.path} has {self.vocab_size} tokens but the model's vocabulary has "
                              f"{vocab_size}: they do not belong together")
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file's object, or {} when the file is absent or not a JSON object (optional metadata files)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -127,7 +181,7 @@ def load_prompts(path) -> list[str]:
 # skipped and counted rather than stopping a long run; structural errors (a line that is not JSON, a missing field)
 # stop with the file and line number, because they usually mean a wrong --text-field or a wrong file.
 
-CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".txt", ".txt.gz")
+CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".txt", ".txt.gz")
 
 
 @dataclass
@@ -199,19 +253,78 @@ def read_jsonl(path, stats: CorpusStats | None = None):
         raise ValueError(f"{path}:{line_no + 1}: unreadable ({e})") from None
 
 
+def _is_json_lines(path: Path) -> bool:
+    """Whether a .json file is JSON lines: its first line is a whole JSON value and another line follows."""
+    try:
+        with open_bytes(path) as f:
+            json.loads(f.readline())
+            return any(line.strip() for line in f)
+    except (ValueError, OSError, EOFError):  # not one value per line, or unreadable (reported by the caller)
+        return False
+
+
+def read_json_records(path, stats: CorpusStats | None = None):
+    """Yield (where, record) from a .json file holding a list of records, an object of records keyed by id (as
+    PubMedQA's ori_pqal.json) or one record; `where` is "path: record KEY" for error messages. A JSON-lines file
+    named .json (many are) is read by read_jsonl, with "path:line" places."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if _is_json_lines(path):
+        yield from ((f"{path}:{line_no}", obj) for line_no, obj in read_jsonl(path, stats))
+        return
+    try:
+        with open_bytes(path) as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        records = value.items()
+    elif isinstance(value, (dict, list)):
+        records = [(0, value)] if isinstance(value, dict) else enumerate(value)
+    else:
+        raise ValueError(f"{path}: expected a list of records or an object of records, found {type(value).__name__}")
+    for key, record in records:
+        yield f"{path}: record {key!r}" if isinstance(key, str) else f"{path}: record {key}", record
+
+
+def corpus_records(path, stats: CorpusStats | None = None):
+    """(where, record) of a JSON-lines or JSON corpus file, through read_jsonl or read_json_records by its name."""
+    if Path(path).name.endswith((".json", ".json.gz")):
+        return read_json_records(path, stats)
+    return ((f"{path}:{line_no}", obj) for line_no, obj in read_jsonl(path, stats))
+
+
+def record_text(record, text_field: str, where: str) -> str:
+    """A record's document text. text_field names one field or several separated by commas (PubMedQA:
+    "CONTEXTS,LONG_ANSWER"); each holds a string or a list of strings, joined by newlines."""
+    parts = []
+    for name in text_field.split(","):
+        value = require_field(record, name.strip(), where, kind=object, hint="; set the field name with --text-field")
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = "\n".join(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: field '{name.strip()}' is {type(value).__name__}, expected str or a list of str")
+        parts.append(value)
+    return "\n".join(parts)
+
+
 def read_corpus(path, text_field: str = "text") -> tuple[list[str], CorpusStats]:
-    """All documents under `path`, in a fixed order (sorted file names, then line order)."""
+    """All documents under `path`, in a fixed order (sorted file names, then line / record order)."""
     stats = CorpusStats()
     texts = []
     for file in corpus_files(path):
         stats.files += 1
-        if ".jsonl" in file.name or file.name.endswith(".json.gz"):
-            documents = (require_field(obj, text_field, f"{file}:{line_no}", hint="; set the field name with --text-field")
-                         for line_no, obj in read_jsonl(file, stats))
-        else:
+        if file.name.endswith((".txt", ".txt.gz")):
             text, ok = _read_text_file(file)
             stats.skipped_non_utf8 += not ok
             documents = [text] if ok else []
+        else:
+            documents = (record_text(obj, text_field, where) for where, obj in corpus_records(file, stats))
         for text in documents:
             if text.strip():
                 texts.append(text)
@@ -234,12 +347,12 @@ def require_field(obj, name: str, where: str, kind=str, hint: str = ""):
 
 
 def read_instructions(path, prompt_field: str = "prompt", response_field: str = "response") -> list[tuple[str, str]]:
-    """Instruction data: JSONL lines with a prompt and a response (the prompt carries its own template, if any)."""
+    """Instruction data: records (JSONL lines, or a .json list) with a prompt and a response (the prompt carries its
+    own template, if any)."""
     stats = CorpusStats()
     pairs = []
     for file in corpus_files(path):
-        for line_no, obj in read_jsonl(file, stats):
-            where = f"{file}:{line_no}"
+        for where, obj in corpus_records(file, stats):
             pairs.append((require_field(obj, prompt_field, where), require_field(obj, response_field, where)))
     if not pairs:
         raise ValueError(f"{path}: no instruction examples")
