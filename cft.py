@@ -10,28 +10,28 @@ ProMoT (a soft prompt trained first with the model frozen, then kept frozen whil
     torchrun --nproc_per_node 8 cft.py --checkpoint llama2-7b-hf/ --data medtext/ --out runs/cft-7b \
         --seq-len 4096 --batch-size 128 --micro-batch-size 1 --lr 2e-5     # the paper's setting (1 epoch)
 
-Read top to bottom: config -> model (FSDP2 through distributed.parallelize) -> data -> loss -> checkpoints -> training
-loop -> closed-book evaluation -> auto-CFT prompts -> main. The loop is written out: no Trainer, accelerate or
-Lightning.
+Read top to bottom: config -> model (FSDP2) -> data -> loss -> checkpoints -> training loop -> closed-book evaluation
+-> auto-CFT prompts -> main. The loop is written out: no Trainer, accelerate or Lightning.
 """
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import shutil
 import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors.torch import save_file
 from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
+from tqdm import tqdm
 
 import data
 from atomic import commit_folder, staging_folder, write_text
@@ -44,25 +44,21 @@ from lora import apply_lora, merge_lora
 from model import PRECISIONS, AttentionMask, ModelConfig, Transformer, create_model, default_precision, generate
 from pharmacology import builtin_domain
 from scoring import encode_questions, predict, score_options
-from training import lr_at
-
-# Without a process group torch.distributed.checkpoint runs as one process (our intent) but warns about it every call.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+from training import NonFiniteState, load_training_state, lr_at, read_training_meta, save_training_state
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Config. Defaults are the paper's trainer prior (1 epoch, AdamW 2e-5, wd 0.1, betas (0.9, 0.95), cosine with 5%
-# warm-up, clip 1.0, global batch 128, sequence 4096); the built-in demo replaces the size-dependent ones
-# (DEMO_CFT_CONFIG). Every flag is generated from this dataclass (config_flags.py).
+# Config, and from it every flag (config_flags.py). Defaults are the paper's trainer prior (1 epoch, AdamW 2e-5, wd 0.1,
+# betas (0.9, 0.95), cosine with 5% warm-up, clip 1.0, global batch 128, sequence 4096).
 
-AUTO_CFT_INSTRUCTION = ("Given the following text, generate a contextual prompt that encourages a reader to focus on the "
-                        "main ideas and themes presented. The contextual prompt should be concise and help the reader "
-                        "engage deeply with the content.")
+AUTO_CFT_INSTRUCTION = ("Given the following text, generate a contextual prompt that encourages a reader to focus on "
+                        "the main ideas and themes presented. The contextual prompt should be concise and help the "
+                        "reader engage deeply with the content.")
 
 
 @dataclass
 class CFTConfig:
-    method: str | None = option(None, "contextual prompts / none / negative prompts / model-written prompts "
-                                      "(demo: cft and cpt)", choices=["cft", "cpt", "neg-cft", "auto-cft"])
+    method: str | None = option(None, "contextual prompts / none / negative prompts / model-written prompts (demo: "
+                                      "cft and cpt)", choices=["cft", "cpt", "neg-cft", "auto-cft"])
     model: str | None = option(None, "model.py preset for a randomly initialised model (e.g. tiny, llama2-7b)")
     checkpoint: str | None = option(None, "Hugging Face Llama folder to start from")
     tokenizer: str | None = option(None, "sentencepiece tokenizer.model (default: the checkpoint's; demo: its own)")
@@ -96,8 +92,7 @@ class CFTConfig:
     eval_every: int = option(0, "held-out loss every N steps (0: only at the end)")
     seed: int = option(0, "seed of the initialisation, data order and held-out split")
     device: str | None = option(None, "cpu | cuda (default: cuda when available)")
-    precision: str | None = option(None, "compute dtype over fp32 master weights (default: bf16 on CUDA, else "
-                                         "fp32); fp16 is refused (it would need loss scaling)",
+    precision: str | None = option(None, "compute dtype over fp32 master weights (default: bf16 on CUDA, else fp32)",
                                    choices=list(PRECISIONS))
     activation_checkpointing: bool = option(False, "recompute each block in backward instead of storing activations")
     compile: bool = option(False, "torch.compile each block and the fused output projection + loss")
@@ -108,26 +103,22 @@ class CFTConfig:
     progress: bool = option(True, "progress bars")
 
 
-# The built-in demo: a model and schedule that learn the fictional facts in about a minute on 2 CPU cores. These are
-# the demo's values for flags the user did not give.
+# The built-in demo learns the fictional facts in about a minute on 2 CPU cores: its values for flags not given.
 DEMO_MODEL = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=512)
-DEMO_CFT_CONFIG = CFTConfig(seq_len=256, batch_size=8, micro_batch_size=4, lr=5e-3, max_steps=150,
-                            heldout_fraction=0.0)
+DEMO_CFT_CONFIG = CFTConfig(seq_len=256, batch_size=8, micro_batch_size=4, lr=5e-3, max_steps=150, heldout_fraction=0.0)
 
 
 def parse_cft_args(argv=None) -> CFTConfig:
     demo_values = {k: v for k, v in asdict(DEMO_CFT_CONFIG).items() if v != getattr(CFTConfig(), k)}
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"Without --data: the built-in fictional pharmacology with demo settings "
-                                            f"{demo_values} and model {DEMO_MODEL}, CFT and CPT side by side.")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Without --data: the built-in "
+                                     f"fictional pharmacology, CFT and CPT side by side: {demo_values}, {DEMO_MODEL}.")
     add_config_flags(parser, CFTConfig)
     args = parser.parse_args(argv)
     if getattr(args, "data", None) is not None:
         return config_from_args(CFTConfig, args)
     base = DEMO_CFT_CONFIG
     if getattr(args, "epochs", 1) != 1:  # the demo's step count stands for its one epoch; asked for epochs, count them
-        base = dataclasses.replace(base, max_steps=None)
+        base = replace(base, max_steps=None)
     return config_from_args(CFTConfig, args, base=base)
 
 
@@ -157,28 +148,25 @@ class LanguageModel(nn.Module):
 
     def forward(self, tokens, *, soft=None, mask=None, targets=None, **kwargs):
         """Logits (B, T, vocab), or with targets the summed next-token loss. soft (B, T) bool marks runs of
-        soft_prompt_len slots that take the soft prompt's vectors (ProMoT). kwargs go to Transformer.hidden_states
-        (model.generate passes its KV cache)."""
+        soft_prompt_len slots that take the soft prompt's vectors (ProMoT). kwargs: model.generate's KV cache."""
         if soft is None:
             hidden = self.model.hidden_states(tokens, mask=mask, **kwargs)
         else:
             embeds = self.model.embed_tokens(tokens)
             vectors = self.soft_prompt.to(embeds.dtype).repeat(int(soft.sum()) // len(self.soft_prompt), 1)
-            hidden = self.model.hidden_states(embeds=embeds.masked_scatter(soft[..., None], vectors), mask=mask,
-                                              **kwargs)
+            embeds = embeds.masked_scatter(soft[..., None], vectors)
+            hidden = self.model.hidden_states(embeds=embeds, mask=mask, **kwargs)
         return self.model.logits(hidden) if targets is None else self.token_loss(hidden, targets)
 
     def score_questions(self, encoded: list, reduction: str) -> list[list[float]]:
-        """scoring.score_options on the Transformer, all questions on this rank. A method of the root module that
-        build_language_model registers with FSDP2 as a forward, so that the root's parameters are gathered around
-        it (and the root set up, when it runs before any forward) although scoring calls the blocks directly."""
+        """scoring.score_options on the Transformer, every question on this rank. Registered with FSDP2 as a forward
+        of the root (build_language_model): scoring calls the blocks directly, but needs the root's parameters."""
         return score_options(self.model, encoded, reduction=reduction, rank=0, world=1, progress=False)
 
 
 def init_soft_prompt(lm: LanguageModel, tokenizer: Tokenizer, text: str):
     """ProMoT/prompt-tuning init: the embeddings of a real text's tokens (cycled), which trains more stably than noise.
     Under FSDP both tables are sharded DTensors: gather the embedding rows, then shard the values like the prompt."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
     ids = torch.tensor(tokenizer.encode(text))
     ids = ids[torch.arange(len(lm.soft_prompt)) % len(ids)]
     with torch.no_grad():
@@ -192,8 +180,7 @@ def init_soft_prompt(lm: LanguageModel, tokenizer: Tokenizer, text: str):
 def build_language_model(cfg: CFTConfig, model_cfg: ModelConfig, env: Dist, soft_prompt_len: int) -> LanguageModel:
     """Build -> (LoRA) -> parallelize -> load. With FSDP the model is built on the meta device and sharded before any
     memory is used; each rank then streams only its own rows of every checkpoint tensor (or initialises its shards)."""
-    lora = cfg.lora_rank > 0
-    fsdp = env.world > 1
+    lora, fsdp = cfg.lora_rank > 0, env.world > 1
 
     def wrap(lm):  # activation checkpointing -> compile -> fully_shard per block -> root
         return parallelize(lm, lm.model.layers, env, activation_checkpointing=cfg.activation_checkpointing,
@@ -247,9 +234,8 @@ def method_prompts(method: str, tokenizer: Tokenizer, prompts_file: str | None) 
     if method == "cpt":
         return [[]]
     if method == "neg-cft":
-        texts = data.NEGATIVE_PROMPTS
-    else:
-        texts = data.load_prompts(prompts_file) if prompts_file else list(data.CONTEXTUAL_PROMPTS.values())
+        return [tokenizer.encode(t) for t in data.NEGATIVE_PROMPTS]
+    texts = data.load_prompts(prompts_file) if prompts_file else list(data.CONTEXTUAL_PROMPTS.values())
     return [tokenizer.encode(t) for t in texts]
 
 
@@ -271,9 +257,7 @@ def prepare_data(cfg: CFTConfig, method: str, texts: list[str], tokenizer: Token
     order = np.random.default_rng([cfg.seed, 7]).permutation(len(docs))
     heldout_ids, train_ids = order[:n_heldout], np.sort(order[n_heldout:])
     prompts = method_prompts("cft" if method == "auto-cft" else method, tokenizer, cfg.prompts)
-    doc_prompts = None
-    if method == "auto-cft":
-        doc_prompts = auto_prompts(lm, tokenizer, texts, cfg, env)
+    doc_prompts = auto_prompts(lm, tokenizer, texts, cfg, env) if method == "auto-cft" else None
     common = dict(seq_len=cfg.seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                   pack=cfg.pack, n_soft=n_soft)
     pick = lambda ids, xs: None if xs is None else [xs[i] for i in ids]
@@ -285,9 +269,8 @@ def prepare_data(cfg: CFTConfig, method: str, texts: list[str], tokenizer: Token
     except ValueError as e:
         fail(str(e))
     if cfg.general_data:
-        general, stats = data.read_corpus(cfg.general_data, cfg.text_field)
-        general_rows = data.domain_rows(tokenize_documents(general, tokenizer, cfg, env), [[]], seed=cfg.seed + 2,
-                                        **common)
+        general = tokenize_documents(data.read_corpus(cfg.general_data, cfg.text_field)[0], tokenizer, cfg, env)
+        general_rows = data.domain_rows(general, [[]], seed=cfg.seed + 2, **common)
         rows = data.mix_rows(rows, general_rows, cfg.general_ratio, cfg.seed)
     segments = [len(rows)]
     if cfg.instruct_data:
@@ -348,9 +331,8 @@ def train_step(lm, optimizer, rows: Rows, index: np.ndarray, n_targets: int, cfg
 
 @torch.no_grad()
 def heldout_loss(lm, rows: Rows, cfg: CFTConfig, env: Dist) -> float:
-    """Mean token loss of the held-out rows. Rank r takes rows r, r + world, ...; under FSDP every rank must run the
-    same number of forwards (the all-gathers run in lockstep), so each rank's list is padded to the longest with
-    copies of row 0 whose targets are all ignored (-100): padding rows add neither loss nor tokens."""
+    """Mean token loss of the held-out rows; rank r takes rows r, r + world, ... FSDP needs the same number of forwards
+    on every rank, so shorter lists are padded with copies of row 0 without targets (-100): no loss, no tokens."""
     lm.eval()
     mine = np.arange(env.rank, len(rows), env.world)
     per_rank = math.ceil(len(rows) / env.world)
@@ -382,39 +364,23 @@ def make_optimizer(lm: LanguageModel, stage: str, cfg: CFTConfig, env: Dist):
         if p.requires_grad:
             is_matrix = p.ndim == 2 and "embed_tokens" not in name and name != "soft_prompt"
             (decay if is_matrix else no_decay).append(p)
-    lr = cfg.promot_lr if stage == "prompt" else cfg.lr
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = env.device.type == "cuda"
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), fused=fused), decay + no_decay
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.promot_lr if stage == "prompt" else cfg.lr,
+                                  betas=(0.9, 0.95), fused=env.device.type == "cuda")
+    return optimizer, decay + no_decay
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: torch.distributed.checkpoint (each rank writes its own shards) into a staging folder beside
-# DIR/checkpoints/step-N, renamed to step-N when complete (atomic.py): a crash during a save leaves the previous
-# checkpoint intact. Only then is the older one removed.
-
-
-def checkpoint_state(lm, optimizer):
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    return {"model": get_model_state_dict(lm), "optim": get_optimizer_state_dict(lm, optimizer)}
+# Checkpoints: training.py's training state in DIR/checkpoints/step-N (whole or absent); then the older one goes.
 
 
 def save_checkpoint(out: Path, step: int, stage: str, lm, optimizer, env: Dist):
-    import torch.distributed.checkpoint as dcp
     step_dir = out / "checkpoints" / f"step-{step}"
+    try:
+        save_training_state(step_dir, lm, optimizer, {"step": step, "stage": stage}, env)
+    except NonFiniteState as e:
+        fail(f"step {step}: not saving a checkpoint, {e} (last good checkpoint: {latest_checkpoint(out) or 'none'})")
     if env.is_main:
-        staging_folder(step_dir)  # fresh and empty; every rank writes its own shards into it
-    env.barrier()
-    staged = step_dir.parent / f".{step_dir.name}.tmp"  # atomic.staging_folder's fixed name, the same on every rank
-    dcp.save(checkpoint_state(lm, optimizer), checkpoint_id=str(staged))
-    rng = {"cpu": torch.get_rng_state()}
-    if env.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(env.device)
-    torch.save(rng, staged / f"rng-rank{env.rank}.pt")
-    env.barrier()
-    if env.is_main:
-        (staged / "progress.json").write_text(json.dumps({"step": step, "stage": stage}))
-        commit_folder(step_dir)
         for old in step_dir.parent.glob("step-*"):
             if old != step_dir:
                 shutil.rmtree(old)
@@ -426,21 +392,6 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, lm, optimizer, env: Dist):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-    state = checkpoint_state(lm, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(lm, state["model"])
-    set_optimizer_state_dict(lm, optimizer, state["optim"])
-    rng_file = path / f"rng-rank{env.rank}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and env.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], env.device)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The training loop. Steps are numbered over both ProMoT stages: steps [0, promot_prompt_steps) train the soft prompt,
 # the rest the model; each stage has its own optimiser and schedule.
@@ -449,29 +400,15 @@ def load_checkpoint(path: Path, lm, optimizer, env: Dist):
 def train_language_model(lm: LanguageModel, train_data: TrainData, cfg: CFTConfig, env: Dist, out: Path,
                          label: str = "") -> list[dict]:
     """Train (ProMoT stage 1, then the model), with checkpoints and metrics. Returns the metrics records."""
-    from tqdm import tqdm
     sampler = data.GlobalBatchSampler(train_data.segments, cfg.batch_size, cfg.seed)
     steps_per_epoch = len(sampler)
     prompt_steps, model_steps = cfg.promot_prompt_steps, cfg.max_steps or cfg.epochs * steps_per_epoch
     total = prompt_steps + model_steps
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    # Resumed, the saved stage: at the ProMoT boundary the checkpoint holds the prompt stage's optimiser, and the loop
-    # switches to the model stage at its first step, as the uninterrupted run did.
-    first = {"step": 0, "stage": "prompt" if prompt_steps else "model"}
-    progress = json.loads((ckpt / "progress.json").read_text()) if ckpt else first
-    start, stage = progress["step"], progress["stage"]
-    optimizer, params = make_optimizer(lm, stage, cfg, env)
-    records = [r for r in read_metrics(out) if r["step"] <= start] if ckpt else []
-    if ckpt is not None:
-        load_checkpoint(ckpt, lm, optimizer, env)
-        if env.is_main:
-            print(f"resumed from {ckpt} at step {start}")
-    if env.is_main:
-        write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    start, stage, optimizer, params, records = start_or_resume(lm, cfg, env, out, prompt_steps)
     bar = tqdm(total=total, initial=start, desc=label or "train", disable=not (env.is_main and cfg.progress),
                dynamic_ncols=True)
     order_epoch, order = None, None
-    tic = time.perf_counter()
+    flops_per_token, tic = lm.cfg.flops_per_token(cfg.seq_len), time.perf_counter()
     for step in range(start, total):
         if step == prompt_steps and stage == "prompt":  # ProMoT stage 2: the soft prompt freezes, the model trains
             stage = "model"
@@ -491,14 +428,19 @@ def train_language_model(lm: LanguageModel, train_data: TrainData, cfg: CFTConfi
         if not math.isfinite(loss):
             last = latest_checkpoint(out) or "none"
             fail(f"loss is {loss} at step {step + 1}; stopping (last good checkpoint: {last})")
-        seconds, tic = time.perf_counter() - tic, time.perf_counter()
-        record = dict(step=step + 1, stage=stage, loss=loss, lr=lr, grad_norm=grad_norm,
-                      **throughput(seconds, lm, cfg, env))
+        tokens_per_s, tic = cfg.batch_size * cfg.seq_len / (time.perf_counter() - tic), time.perf_counter()
+        record = dict(step=step + 1, stage=stage, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                      mfu=tokens_per_s * flops_per_token / (cfg.peak_tflops * 1e12 * env.world))  # MFU per device
         done = step + 1 == total
         if train_data.heldout is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             record["heldout_loss"] = heldout_loss(lm, train_data.heldout, cfg, env)
         records.append(record)
-        log_step(record, out, bar, env)
+        if env.is_main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                            mfu=f"{record['mfu']:.1%}", refresh=False)
+            bar.update()
         stopping = cfg.stop_after is not None and step + 1 == cfg.stop_after
         if (cfg.save_every and (step + 1) % cfg.save_every == 0 and not done) or stopping:
             save_checkpoint(out, step + 1, stage, lm, optimizer, env)
@@ -508,42 +450,42 @@ def train_language_model(lm: LanguageModel, train_data: TrainData, cfg: CFTConfi
     return records
 
 
-def throughput(seconds: float, lm: LanguageModel, cfg: CFTConfig, env: Dist) -> dict:
-    """Tokens per second over all processes, and MFU (model FLOPs utilisation against --peak-tflops per device)."""
-    tokens_per_s = cfg.batch_size * cfg.seq_len / seconds
-    mfu = tokens_per_s * lm.cfg.flops_per_token(cfg.seq_len) / (cfg.peak_tflops * 1e12 * env.world)
-    return {"tokens_per_s": tokens_per_s, "mfu": mfu}
-
-
-def log_step(record: dict, out: Path, bar, env: Dist):
-    if not env.is_main:
-        return
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                    mfu=f"{record['mfu']:.1%}", refresh=False)
-    bar.update()
+def start_or_resume(lm: LanguageModel, cfg: CFTConfig, env: Dist, out: Path, prompt_steps: int):
+    """(first step, stage, optimiser, its parameters, metrics so far): step 0, or --resume's last checkpoint in its
+    saved stage (at the ProMoT boundary: the prompt stage's optimiser, then the loop switches as an unbroken run)."""
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    try:
+        progress = read_training_meta(ckpt) if ckpt else {"step": 0, "stage": "prompt" if prompt_steps else "model"}
+        optimizer, params = make_optimizer(lm, progress["stage"], cfg, env)
+        if ckpt is not None:
+            load_training_state(ckpt, lm, optimizer, env)
+    except ValueError as e:
+        fail(f"--resume: {e}")
+    records = [r for r in read_metrics(out) if r["step"] <= progress["step"]] if ckpt else []
+    if env.is_main:
+        if ckpt is not None:
+            print(f"resumed from {ckpt} at step {progress['step']}")
+        write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return progress["step"], progress["stage"], optimizer, params, records
 
 
 def read_metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [record for _, record in data.read_jsonl(path)] if path.is_file() else []
 
 
 def save_final(lm: LanguageModel, tokenizer: Tokenizer, out: Path, env: Dist):
     """DIR/final: a Hugging Face folder (+ tokenizer.model, + soft_prompt.safetensors for ProMoT), written into a
     staging folder and renamed when complete. Every rank takes part (FSDP gathers each tensor); rank 0 writes."""
-    from safetensors.torch import save_file
     if any("lora_" in name for name, _ in lm.model.named_parameters()):
         merge_lora(lm.model)  # the HF layout has no adapters: fold them into the weights
     final = out / "final"
     staged = staging_folder(final) if env.is_main else final  # other ranks only gather; they write nothing
     save_pretrained(lm.model, staged)
-    if lm.soft_prompt is not None:
-        soft = full_tensor(lm.soft_prompt)
-        if env.is_main:
-            save_file({"soft_prompt": soft.detach().float().cpu().contiguous()}, staged / "soft_prompt.safetensors")
+    soft = None if lm.soft_prompt is None else full_tensor(lm.soft_prompt)  # gathered by every rank
     if env.is_main:
+        if soft is not None:
+            save_file({"soft_prompt": soft.detach().float().cpu().contiguous()}, staged / "soft_prompt.safetensors")
         shutil.copy(tokenizer.path, staged / "tokenizer.model")
         commit_folder(final)
     env.barrier()
@@ -574,13 +516,11 @@ def mcq_accuracy(lm: LanguageModel, tokenizer: Tokenizer, questions: list[dict],
 
 def auto_prompts(lm: LanguageModel, tokenizer: Tokenizer, texts: list[str], cfg: CFTConfig, env: Dist,
                  batch_size: int = 16, excerpt_tokens: int = 512) -> list[list[int]]:
-    cache = None
-    if cfg.cache_dir:
-        key = data.corpus_key(texts + [str(cfg.checkpoint), str(cfg.model), str(cfg.seed), str(cfg.auto_prompt_tokens)],
-                              tokenizer.path)
-        cache = Path(cfg.cache_dir) / f"auto-prompts-{key}.json"
-        if cache.is_file():
-            return json.loads(cache.read_text())
+    key = data.corpus_key(texts + [str(cfg.checkpoint), str(cfg.model), str(cfg.seed), str(cfg.auto_prompt_tokens)],
+                          tokenizer.path)
+    cache = Path(cfg.cache_dir) / f"auto-prompts-{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
     head = tokenizer.encode(AUTO_CFT_INSTRUCTION + "\n\nText:", bos=True)
     tail = tokenizer.encode("\n\nContextual prompt:")
     inputs = [head + tokenizer.encode(t)[:excerpt_tokens] + tail for t in texts]
@@ -588,7 +528,6 @@ def auto_prompts(lm: LanguageModel, tokenizer: Tokenizer, texts: list[str], cfg:
     n_batches = math.ceil(math.ceil(len(texts) / env.world) / batch_size)
     newline = {i for i in tokenizer.encode("a\nb") if "\n" in tokenizer.decode([i])}  # a prompt ends at a line end
     results = {}
-    from tqdm import tqdm
     lm.eval()
     for b in tqdm(range(n_batches), desc="auto-cft prompts", disable=not (env.is_main and cfg.progress)):
         # A rank out of documents generates for document 0 and keeps nothing: FSDP needs every rank's forwards.
@@ -602,23 +541,17 @@ def auto_prompts(lm: LanguageModel, tokenizer: Tokenizer, texts: list[str], cfg:
             results[i] = ids[:cut]
     lm.train()
     reshard(lm)
-    if env.world > 1:
-        results = gather_prompts(results, len(texts), cfg.auto_prompt_tokens, env)
+    if env.world > 1:  # every rank gets every prompt: rows of -1 after a prompt's end, each filled on one rank only
+        table = torch.full((len(texts), cfg.auto_prompt_tokens), -1, dtype=torch.long)
+        for i, ids in results.items():
+            table[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        table = table.to(env.device)
+        dist.all_reduce(table, op=dist.ReduceOp.MAX)
+        results = {i: [t for t in row if t >= 0] for i, row in enumerate(table.tolist())}
     prompts = [results[i] for i in range(len(texts))]
-    if cache is not None and env.is_main:
+    if env.is_main:
         write_text(cache, json.dumps(prompts))
     return prompts
-
-
-def gather_prompts(results: dict, n_texts: int, max_tokens: int, env: Dist) -> dict:
-    """Every rank gets every prompt: a (documents, tokens) table, -1 where a prompt has ended, each row filled on
-    exactly one rank, combined by an elementwise max."""
-    table = torch.full((n_texts, max_tokens), -1, dtype=torch.long)
-    for i, ids in results.items():
-        table[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    table = table.to(env.device)
-    dist.all_reduce(table, op=dist.ReduceOp.MAX)
-    return {i: [t for t in row if t >= 0] for i, row in enumerate(table.tolist())}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -709,9 +642,9 @@ def run_method(method: str, cfg: CFTConfig, env: Dist, texts, questions, tokeniz
         result["before"] = mcq_accuracy(lm, tokenizer, questions, cfg, env)
     train_data = prepare_data(cfg, method, texts, tokenizer, lm, env, n_soft)
     if env.is_main:
-        n_tokens = int(train_data.rows.loss.sum())
-        print(f"{method}: {len(train_data.rows)} rows of {cfg.seq_len} tokens, {n_tokens:,} trained tokens, "
-              f"{lm.cfg.num_params() / 1e6:.1f}M parameters, {env.world} process(es) on {env.device.type}")
+        print(f"{method}: {len(train_data.rows)} rows of {cfg.seq_len} tokens, {int(train_data.rows.loss.sum()):,} "
+              f"trained tokens, {lm.cfg.num_params() / 1e6:.1f}M parameters, {env.world} process(es) on "
+              f"{env.device.type}")
     if cfg.resume:
         check_same_run(cfg, out)
     elif env.is_main:  # created only now, so that a run refused over bad input leaves no folder behind

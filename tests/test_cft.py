@@ -16,12 +16,11 @@ from conftest import ROOT, _generated_sentences, tiny_cfg, torchrun
 from distributed import Dist
 from hf_checkpoint import load_pretrained, save_pretrained
 from model import create_model
+from training import read_training_meta
 
 # Small enough for seconds on 2 cores; micro-batches of 2 so that one process accumulates two of them.
 TRAIN = ["--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "4", "--lr", "1e-3",
          "--device", "cpu", "--no-progress", "--heldout-fraction", "0.2", "--eval-every", "2"]
-# DCP without a process group warns that it runs as one process, which is the intent (cft.py filters it too).
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 # Generation before training (auto-CFT) is the case where FSDP2 must be told to shard the root again.
 AUTO = ["--method", "auto-cft", "--auto-prompt-tokens", "4"]
 
@@ -175,7 +174,8 @@ def test_promot_trains_the_soft_prompt_then_freezes_it(setup, promot_run):
 def test_promot_resumed_at_the_stage_boundary_reproduces_the_uninterrupted_run(setup, promot_run):
     out = setup / "promot-resumed"
     cft.main(args(setup, out, *PROMOT, "--stop-after", "2"))  # the last soft-prompt step
-    assert json.loads((out / "checkpoints" / "step-2" / "progress.json").read_text()) == {"step": 2, "stage": "prompt"}
+    saved = read_training_meta(out / "checkpoints" / "step-2")
+    assert (saved["step"], saved["stage"]) == (2, "prompt")
     cft.main(args(setup, out, *PROMOT, "--resume"))
     assert [r["stage"] for r in cft.read_metrics(out)] == ["prompt", "prompt", "model", "model"]
     assert losses(out) == losses(promot_run)
