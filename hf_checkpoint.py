@@ -479,23 +479,33 @@ def save_pretrained(model: Transformer, path, dtype: torch.dtype | None = None, 
     is_writer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     dtype = dtype or next(model.parameters()).dtype
     tmp = staging_folder(path) if is_writer else None
-    _write_weights(model, tmp, dtype, shard_bytes)
+    try:
+        _write_weights(model, tmp, dtype, shard_bytes)
+        if is_writer:
+            _write_metadata(model.cfg, tmp, dtype, tokenizer, source, generation_config)
+    except BaseException:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if not is_writer:
         return path
-    cfg = model.cfg
-    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype), indent=2))
-    source_generation = Path(source) / "generation_config.json" if source else None
-    if generation_config is None and source_generation and source_generation.is_file():
-        shutil.copyfile(source_generation, tmp / "generation_config.json")
-    else:
-        generation = generation_config or {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tokenizer_file = getattr(tokenizer, "path", tokenizer) or _source_tokenizer(source)
-    if tokenizer_file:
-        write_tokenizer_files(tmp, tokenizer_file, cfg.max_seq_len)
     if path.exists():
         path.rmdir()  # empty (checked above)
     return commit_folder(path)
+
+
+def _write_metadata(cfg: ModelConfig, folder: Path, dtype, tokenizer, source, generation_config) -> None:
+    """config.json, generation_config.json and the tokenizer files of save_pretrained."""
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype), indent=2))
+    source_generation = Path(source) / "generation_config.json" if source else None
+    if generation_config is None and source_generation and source_generation.is_file():
+        shutil.copyfile(source_generation, folder / "generation_config.json")
+    else:
+        generation = generation_config or {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tokenizer_file = getattr(tokenizer, "path", tokenizer) or _source_tokenizer(source)
+    if tokenizer_file:
+        write_tokenizer_files(folder, tokenizer_file, cfg.max_seq_len)
 
 
 def _source_tokenizer(source) -> Path | None:

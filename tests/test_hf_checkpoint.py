@@ -1,13 +1,19 @@
-"""hf_checkpoint.py: Hugging Face folders load with transformers' logits, and ours load in transformers."""
+"""hf_checkpoint.py: model folders found, memory checked, HF folders load with transformers' logits, and ours (weights,
+config, generation config, tokenizer) load in transformers."""
 import json
 import re
+import shutil
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import LLAMA_TOKENIZER, tiny_cfg
 
-from hf_checkpoint import load_pretrained, save_pretrained
-from model import ModelConfig, create_model
+import hf_checkpoint
+from data import Tokenizer
+from hf_checkpoint import (GiB, MODEL_REPOS, available_bytes, check_inference_memory, check_training_memory,
+                           checkpoint_dtype, inference_bytes, load_pretrained, resolve_model, save_pretrained,
+                           training_bytes, training_fit_advice)
+from model import MODEL_PRESETS, ModelConfig, create_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -108,3 +114,157 @@ def test_unsupported_configs_are_refused_naming_the_field(tmp_path, change, need
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="expected a JSON object"):
         ModelConfig.from_hf(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model folders: --model NAME resolves to a local folder (never a download).
+
+
+def fake_cache_model(cache, repo="meta-llama/Llama-2-7b-hf", revision="abc123"):
+    """A Hugging Face cache entry (models--org--name/snapshots/<revision>, refs/main) holding a tiny model."""
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    save_pretrained(create_model(tiny_cfg(), seed=0), entry / "snapshots" / revision)
+    (entry / "refs").mkdir(exist_ok=True)
+    (entry / "refs" / "main").write_text(revision)
+    return entry / "snapshots" / revision
+
+
+def test_model_name_resolves_in_the_hf_cache_then_model_dir_first(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    older = fake_cache_model(tmp_path / "hub", revision="old")
+    snapshot = fake_cache_model(tmp_path / "hub", revision="abc123")  # refs/main names this one
+    assert resolve_model("llama2-7b") == snapshot
+    assert resolve_model("meta-llama/Llama-2-7b-hf") == snapshot
+    assert load_pretrained(resolve_model("llama2-7b")).cfg == tiny_cfg()
+    (tmp_path / "hub" / "models--meta-llama--Llama-2-7b-hf" / "refs" / "main").write_text("gone")
+    assert resolve_model("llama2-7b") in (older, snapshot)  # no valid ref: a snapshot holding config.json
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # $HF_HOME/hub
+    assert resolve_model("llama2-7b") in (older, snapshot)
+    for layout in ("llama2-7b", "Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf"):
+        models = tmp_path / f"models-{layout.replace('/', '-')}"
+        save_pretrained(create_model(tiny_cfg(), seed=0), models / layout)
+        assert resolve_model("llama2-7b", model_dir=models) == models / layout  # --model-dir before the cache
+    assert resolve_model(snapshot) == snapshot  # a plain path
+
+
+def test_missing_model_is_one_line_naming_the_places_and_the_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ValueError) as error:
+        resolve_model("llama2-7b", model_dir=tmp_path / "models")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("model llama2-7b: not found in ")
+    for place in (tmp_path / "models" / "llama2-7b", tmp_path / "models" / "Llama-2-7b-hf",
+                  tmp_path / "hub" / "models--meta-llama--Llama-2-7b-hf"):
+        assert str(place) in message
+    assert "huggingface-cli download meta-llama/Llama-2-7b-hf" in message
+    assert "hf download meta-llama/Llama-2-7b-hf" in message
+    with pytest.raises(ValueError, match="not a preset: llama2-7b, "):
+        resolve_model("no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        resolve_model(tmp_path / "empty")
+    assert set(MODEL_REPOS) == set(MODEL_PRESETS) - {"tiny"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory: estimated before allocating, refused with both numbers and what would fit.
+
+
+def test_memory_check_refuses_a_7b_on_a_small_budget(monkeypatch):
+    cfg = MODEL_PRESETS["llama2-7b"]
+    full = training_bytes(cfg, seq_len=4096)
+    assert training_bytes(cfg, world=2, seq_len=4096) < full
+    assert training_bytes(cfg, lora_rank=16, seq_len=4096) < full
+    assert training_bytes(cfg, activation_checkpointing=True, seq_len=4096) < full
+    assert 16 * cfg.num_params() < full < 20 * cfg.num_params() + 40 * GiB  # fp32 master + grads + AdamW + more
+    assert 2 * cfg.num_params() < inference_bytes(cfg, torch.bfloat16, 8192) < 2 * cfg.num_params() + 8 * GiB
+    monkeypatch.setattr(hf_checkpoint, "available_bytes", lambda device: 24 * GiB)
+    with pytest.raises(ValueError) as error:
+        check_training_memory(cfg, "cpu", seq_len=4096)
+    message = str(error.value)
+    assert "\n" not in message and "needs about 135.7 GiB, 24.0 GiB is available" in message
+    assert "nothing would fit" in message and "--no-memory-check" in message  # CPU: more processes add nothing
+    with pytest.raises(ValueError, match=r"needs about \d+\.\d GiB, 24\.0 GiB is available; would fit: .*--precision"):
+        check_inference_memory(cfg, "cpu", torch.float32, 8192)
+    advice = training_fit_advice(cfg, 80 * GiB, seq_len=4096)  # an 80 GB GPU
+    assert advice.startswith("would fit: 2 processes (GPUs)") and "--lora-rank 16" in advice
+    advice = training_fit_advice(cfg, 24 * GiB, seq_len=4096)
+    assert "--activation-checkpointing" in advice and "--lora-rank 16" in advice
+    assert check_training_memory(tiny_cfg(), "cpu", seq_len=64) < 24 * GiB  # fits: returns the estimate
+
+
+def test_available_bytes_reads_the_host():
+    assert 0 < available_bytes("cpu") < 2**50
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# final/: a complete Hugging Face folder; transformers reads our weights, config and tokenizer exactly.
+
+TEXTS = ["The patient presented with fever.", "Hello world", "", " ", "  leading spaces", "a\n\nb  c\t d", " The",
+         "trailing  ", "literal <s> and </s> tags", "naïve café, 中文, emoji 😀", "ｆｕｌｌ width ﬁ", "x\r\ny\x01z"]
+
+
+def saved_source(tmp_path, tokenizer_file, dtype):
+    """A source checkpoint as a user has it: weights in `dtype` + the tokenizer.model only."""
+    cfg = tiny_cfg(Tokenizer(tokenizer_file).vocab_size)
+    save_pretrained(create_model(cfg, dtype=dtype, seed=3), tmp_path / "source")
+    shutil.copyfile(tokenizer_file, tmp_path / "source" / "tokenizer.model")
+    return tmp_path / "source"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_final_folder_round_trip_in_transformers_with_the_llama2_tokenizer(tmp_path, dtype):
+    if not LLAMA_TOKENIZER.is_file():
+        pytest.skip("../shared/data/llama2-tokenizer not present")
+    source = saved_source(tmp_path, LLAMA_TOKENIZER, dtype)
+    assert checkpoint_dtype(source) == dtype
+    ours = load_pretrained(source)  # trained in fp32, saved back in the source's dtype
+    tok = Tokenizer.resolve(None, source)
+    final = save_pretrained(ours, tmp_path / "final", checkpoint_dtype(source), tokenizer=tok, source=source)
+    assert {p.name for p in final.iterdir()} == {"model.safetensors", "config.json", "generation_config.json",
+                                                 "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                                                 "special_tokens_map.json"}
+    assert checkpoint_dtype(final) == dtype and load_pretrained(final, dtype=dtype).lm_head.weight.dtype == dtype
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(final)
+    for text in TEXTS:
+        assert hf_tokenizer(text)["input_ids"] == tok.encode(text, bos=True), repr(text)
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (tok.bos_id, tok.eos_id) == (1, 2)
+    generation = transformers.GenerationConfig.from_pretrained(final)
+    assert (generation.bos_token_id, generation.eos_token_id) == (1, 2)
+    reference = transformers.LlamaForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(TEXTS[0] + " " + TEXTS[9], bos=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(reference(ids).logits, load_pretrained(final)(ids), atol=1e-4, rtol=0)
+
+
+def test_built_tokenizer_json_matches_a_normalizing_sentencepiece_model(tmp_path, tokenizer_path):
+    """The test tokenizers use sentencepiece's default nmt_nfkc normalizer (NFKC, whitespace folded): the built
+    tokenizer.json reproduces it."""
+    save_pretrained(create_model(tiny_cfg(), seed=0), tmp_path / "final", tokenizer=tokenizer_path)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "final")
+    tok = Tokenizer(tokenizer_path)
+    for text in TEXTS + ["The patient reduced the dose 3 times.", "\tA doctor\n\nshowed   profits  "]:
+        assert hf_tokenizer(text)["input_ids"] == tok.encode(text, bos=True), repr(text)
+
+
+def test_source_tokenizer_and_generation_files_are_copied_unchanged(tmp_path, tokenizer_path):
+    source = saved_source(tmp_path, tokenizer_path, torch.float32)
+    files = {"tokenizer_config.json": '{"tokenizer_class": "LlamaTokenizer", "custom": 1}',
+             "special_tokens_map.json": '{"bos_token": "<s>"}', "generation_config.json": '{"temperature": 0.6}'}
+    for name, text in files.items():
+        (source / name).write_text(text)
+    final = save_pretrained(load_pretrained(source), tmp_path / "final", source=source)
+    assert all((final / name).read_text() == text for name, text in files.items())
+    assert (final / "tokenizer.model").read_bytes() == (source / "tokenizer.model").read_bytes()
+    assert (final / "tokenizer.json").is_file()  # the one file the source lacked
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    def fail(*args):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(hf_checkpoint, "write_tokenizer_files", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pretrained(create_model(tiny_cfg(), seed=0), tmp_path / "final", tokenizer="x/tokenizer.model")
+    assert list(tmp_path.iterdir()) == []
