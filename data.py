@@ -303,12 +303,12 @@ def record_text(record, text_field: str, where: str) -> str:
     """A record's document text. text_field names one field or several separated by commas (PubMedQA:
     "CONTEXTS,LONG_ANSWER"); each holds a string or a list of strings, joined by newlines."""
     parts = []
-    for name in text_field.split(","):
-        value = require_field(record, name.strip(), where, kind=object, hint="; set the field name with --text-field")
+    for name in (n.strip() for n in text_field.split(",")):
+        value = require_field(record, name, where, kind=object, hint="; set the field name with --text-field")
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             value = "\n".join(value)
         if not isinstance(value, str):
-            raise ValueError(f"{where}: field '{name.strip()}' is {type(value).__name__}, expected str or a list of str")
+            raise ValueError(f"{where}: field '{name}' is {type(value).__name__}, expected str or a list of str")
         parts.append(value)
     return "\n".join(parts)
 

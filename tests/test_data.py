@@ -175,3 +175,110 @@ def test_tokenizer_rule_flag_then_checkpoint_folder(tmp_path, tokenizer_path):
     assert data.Tokenizer.resolve(None, folder).path == str(folder / "tokenizer.model")
     with pytest.raises(ValueError, match="no checkpoint folder was given"):
         data.Tokenizer.resolve()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Llama-3.x tokenizers: a tokenizer.json (byte-level BPE, BOS added by its post-processor), ids from the checkpoint.
+
+SENTENCES = [f"The patient {w} the dose {i} times in café №{i}." for i, w in enumerate(["reduced", "doubled"] * 200)]
+
+
+def llama3_style_tokenizer(folder, config=True):
+    """A tiny tokenizer.json laid out as Llama-3's: byte-level BPE, special tokens, BOS from a TemplateProcessing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    tk.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = tk.token_to_id(specials[0])
+    tk.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(
+        single=f"{specials[0]} $A", pair=f"{specials[0]} $A {specials[0]} $B", special_tokens=[(specials[0], bos)])])
+    folder.mkdir(exist_ok=True)
+    tk.save(str(folder / "tokenizer.json"))
+    if config:  # instruct checkpoints list several end ids; the first is end of text
+        (folder / "config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": [1, 2]}))
+    return tk
+
+
+def test_tokenizer_json_encodes_without_the_post_processor_bos_unless_asked(tmp_path):
+    reference = llama3_style_tokenizer(tmp_path / "ckpt")
+    tok = data.Tokenizer.resolve(None, tmp_path / "ckpt")  # no tokenizer.model: the tokenizer.json
+    assert tok.path == str(tmp_path / "ckpt" / "tokenizer.json") and tok.sp is None
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, reference.get_vocab_size())
+    for text in ["The patient doubled the dose.", " leading", "", "naïve 中文"]:
+        plain = reference.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text) == plain and tok.encode(text, bos=True, eos=True) == [0] + plain + [1]
+        assert reference.encode(text).ids == [0] + plain  # the file's own BOS, which encode leaves out
+        assert tok.decode(tok.encode(text, bos=True)) == text
+    texts = SENTENCES[:300]
+    tokens = data.tokenize_texts(texts, tok.path, workers=2, progress=False)
+    assert [t.tolist() for t in tokens] == [tok.encode(t) for t in texts]
+
+
+def test_tokenizer_json_ids_from_tokenizer_config_and_errors(tmp_path):
+    llama3_style_tokenizer(tmp_path / "ckpt", config=False)
+    with pytest.raises(ValueError, match="no BOS id .*bos_token_id in config.json or bos_token in tokenizer_config"):
+        data.Tokenizer.resolve(None, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>"}, "pad_token": None}))
+    tok = data.Tokenizer.resolve(tmp_path / "ckpt")  # --tokenizer may name the folder
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 2, 2)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a Hugging Face tokenizer.json"):
+        data.Tokenizer(tmp_path / "bad.json")
+
+
+def test_tokenizer_json_encodes_like_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    llama3_style_tokenizer(tmp_path / "ckpt")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+              "eos_token": "<|end_of_text|>"}
+    (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps(config))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    tok = data.Tokenizer.resolve(None, tmp_path / "ckpt")
+    for text in SENTENCES[:20] + ["  two  spaces\n", "emoji 😀"]:
+        assert hf_tokenizer(text)["input_ids"] == tok.encode(text, bos=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# .json corpus files: a list of records, an object of records keyed by id, one record, or JSON lines named .json.
+
+
+def test_json_corpus_files_list_object_and_json_lines(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.json").write_text(json.dumps([{"text": "first"}, {"text": "second"}], indent=2))
+    with gzip.open(corpus / "b.json.gz", "wt") as f:
+        json.dump({"123": {"text": "third"}, "456": {"text": " "}}, f, indent=4)
+    (corpus / "c.json").write_text('{"text": "fourth"}\n{"text": "fifth"}\n')  # JSON lines
+    (corpus / "d.json").write_text(json.dumps({"text": "sixth", "meta": {"source": "x"}}))  # one record
+    texts, stats = data.read_corpus(corpus)
+    assert texts == ["first", "second", "third", "fourth", "fifth", "sixth"]
+    assert stats.files == 4 and stats.skipped_empty == 1
+    (tmp_path / "fields.json").write_text(json.dumps([{"CONTEXTS": ["Background.", "Methods."], "ANSWER": "Yes."}]))
+    assert data.read_corpus(tmp_path / "fields.json", "CONTEXTS,ANSWER")[0] == ["Background.\nMethods.\nYes."]
+    with pytest.raises(ValueError, match=r"b\.json\.gz: record '123': no field 'body' .*--text-field"):
+        data.read_corpus(corpus / "b.json.gz", "body")
+    with pytest.raises(ValueError, match=r"fields\.json: record 0: field 'ANSWER' is int"):
+        (tmp_path / "fields.json").write_text(json.dumps([{"CONTEXTS": ["a"], "ANSWER": 3}]))
+        data.read_corpus(tmp_path / "fields.json", "CONTEXTS,ANSWER")
+    (tmp_path / "broken.json").write_text('[{"text": "a"},\n {"text": }]')
+    with pytest.raises(ValueError, match=r"broken\.json:2: not valid JSON"):
+        data.read_corpus(tmp_path / "broken.json")
+    (tmp_path / "number.json").write_text("3")
+    with pytest.raises(ValueError, match=r"number\.json: expected a list of records or an object of records"):
+        data.read_corpus(tmp_path / "number.json")
+    (tmp_path / "pairs.json").write_text(json.dumps([{"prompt": "Q?", "response": "A."}]))
+    assert data.read_instructions(tmp_path / "pairs.json") == [("Q?", "A.")]
+
+
+def test_the_staged_pubmedqa_corpus_reads_as_abstracts():
+    from conftest import SHARED_DATA
+    folder = SHARED_DATA / "pubmedqa-corpus"
+    if not folder.is_dir():
+        pytest.skip("../shared/data/pubmedqa-corpus not present")
+    texts, stats = data.read_corpus(folder, "CONTEXTS,LONG_ANSWER")
+    assert stats.documents == 1000 and stats.files == 1
+    assert 200_000 < sum(len(t.split()) for t in texts) < 300_000  # about 240k words (its SOURCE.md)
