@@ -268,3 +268,20 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         save_pretrained(create_model(tiny_cfg(), seed=0), tmp_path / "final", tokenizer="x/tokenizer.model")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tokenizer_json_checkpoint_keeps_its_tokenizer_files(tmp_path, tokenizer_path):
+    """Llama-3.x: no tokenizer.model; tokenizer.json and tokenizer_config.json are copied as they are."""
+    built = tmp_path / "built"
+    save_pretrained(create_model(tiny_cfg(), seed=0), built, tokenizer=tokenizer_path)  # a tokenizer.json to reuse
+    source = tmp_path / "source"
+    save_pretrained(create_model(tiny_cfg(), seed=0), source)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(built / name, source / name)
+    tok = Tokenizer.resolve(None, source)
+    assert tok.path.endswith("tokenizer.json") and tok.encode("The dose", bos=True)[0] == 1
+    final = save_pretrained(load_pretrained(source), tmp_path / "final", tokenizer=tok, source=source)
+    assert not (final / "tokenizer.model").exists() and not (final / "special_tokens_map.json").exists()
+    assert all((final / name).read_bytes() == (source / name).read_bytes()
+               for name in ("tokenizer.json", "tokenizer_config.json"))
+    assert Tokenizer.resolve(None, final).encode("The dose", bos=True) == tok.encode("The dose", bos=True)
