@@ -474,19 +474,19 @@ def read_metrics(out: Path) -> list[dict]:
     return [record for _, record in data.read_jsonl(path)] if path.is_file() else []
 
 
-def save_final(lm: LanguageModel, tokenizer: Tokenizer, out: Path, env: Dist):
-    """DIR/final: a Hugging Face folder (+ tokenizer.model, + soft_prompt.safetensors for ProMoT), written into a
-    staging folder and renamed when complete. Every rank takes part (FSDP gathers each tensor); rank 0 writes."""
+def save_final(lm: LanguageModel, tokenizer: Tokenizer, out: Path, env: Dist, source: str | None):
+    """DIR/final: a Hugging Face folder with the tokenizer's files (+ soft_prompt.safetensors for ProMoT), written into
+    a staging folder and renamed when complete. Every rank takes part (FSDP gathers each tensor); rank 0 writes.
+    source: the checkpoint trained from, whose generation_config.json is kept."""
     if any("lora_" in name for name, _ in lm.model.named_parameters()):
         merge_lora(lm.model)  # the HF layout has no adapters: fold them into the weights
     final = out / "final"
     staged = staging_folder(final) if env.is_main else final  # other ranks only gather; they write nothing
-    save_pretrained(lm.model, staged)
+    save_pretrained(lm.model, staged, tokenizer=tokenizer, source=source)
     soft = None if lm.soft_prompt is None else full_tensor(lm.soft_prompt)  # gathered by every rank
     if env.is_main:
         if soft is not None:
             save_file({"soft_prompt": soft.detach().float().cpu().contiguous()}, staged / "soft_prompt.safetensors")
-        shutil.copy(tokenizer.path, staged / "tokenizer.model")
         commit_folder(final)
     env.barrier()
 
@@ -657,7 +657,7 @@ def run_method(method: str, cfg: CFTConfig, env: Dist, texts, questions, tokeniz
         return result
     if questions is not None:
         result["after"] = mcq_accuracy(lm, tokenizer, questions, cfg, env)
-    save_final(lm, tokenizer, out, env)
+    save_final(lm, tokenizer, out, env, source=cfg.checkpoint)
     return result
 
 
