@@ -74,8 +74,9 @@ def resolve_model(name_or_path, model_dir=None) -> Path:
     repo = MODEL_REPOS.get(name, name if name.count("/") == 1 and not Path(name).exists() else None)
     candidates = []
     if model_dir:
-        candidates += [Path(model_dir) / name] + ([Path(model_dir) / repo.split("/")[1], Path(model_dir) / repo]
-                                                 if repo else [])
+        candidates.append(Path(model_dir) / name)
+        if repo:
+            candidates += [Path(model_dir) / repo.split("/")[1], Path(model_dir) / repo]
     cache = hub_cache_dir()
     snapshot = cache_snapshot(cache, repo) if repo else None
     candidates += [snapshot] if snapshot else []
