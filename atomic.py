@@ -32,11 +32,16 @@ def write_text(path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def staging_folder(path) -> Path:
-    """A fresh, empty PATH's staging folder (.NAME.tmp beside it; a leftover of an interrupted write is removed).
-    Its name is fixed so that every process of a distributed save writes into the same folder."""
+def staging_path(path) -> Path:
+    """Where PATH is built before its rename: .NAME.tmp beside it. The name is fixed so that every process of a
+    distributed save finds the same folder."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp"
+    return path.parent / f".{path.name}.tmp"
+
+
+def staging_folder(path) -> Path:
+    """A fresh, empty staging folder for PATH (a leftover of an interrupted write is removed)."""
+    tmp = staging_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -46,7 +51,7 @@ def commit_folder(path, replace: bool = False) -> Path:
     """Rename PATH's staging folder to PATH. An existing PATH is refused unless `replace` (then it is swapped out
     through PATH.old, removed last)."""
     path = Path(path)
-    tmp, old = path.parent / f".{path.name}.tmp", path.parent / f"{path.name}.old"
+    tmp, old = staging_path(path), path.parent / f"{path.name}.old"
     if path.exists():
         if not replace:
             raise FileExistsError(f"{path} exists; refusing to overwrite it")

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import AttentionMask, attention, dense_mask, prepend_prefix
+from model import AttentionMask, MaskLayout, attention, dense_mask, prepend_prefix
 
 
 def timed(fn, repeats: int = 20, warmup: int = 3) -> float:
@@ -94,7 +94,7 @@ def attention_parity(device, dtype):
     rows = []
     for name, q, k, v, prefix, fields in _parity_cases(device, dtype):
         P = 0 if prefix is None else prefix[0].shape[2]
-        mask = AttentionMask(prefix_len=P, **fields)
+        mask = MaskLayout(AttentionMask(**fields), prefix_len=P)
         inputs = [q, k, v] + ([] if prefix is None else list(prefix))
         out, grads = _fwd_bwd(lambda: attention(q, k, v, mask, prefix), inputs)()
         # exact reference: dense mask + SDPA in fp32
@@ -131,7 +131,7 @@ def bench_attention(argv):
     B, H, T, D = 8 // scale, 32 // scale, 4096 // scale, 128 // (2 if args.tiny else 1)
     q, k, v = rand(B, H, T, D), rand(B, H, T, D), rand(B, H, T, D)
     causal_flops = 3.5 * 4 * B * H * T * T * D / 2  # fwd = 4·B·H·T²·D/2 (causal half); bwd = 2.5 x fwd
-    candidates = {"ours: attention() (plain causal)": lambda: attention(q, k, v, AttentionMask())}
+    candidates = {"ours: attention() (plain causal)": lambda: attention(q, k, v, MaskLayout())}
     if device == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -154,7 +154,7 @@ def bench_attention(argv):
     prefix = (rand(1, H, P, D), rand(1, H, P, D))
     span_len = P // n_demo
     span = torch.stack([torch.arange(n_demo) * span_len, (torch.arange(n_demo) + 1) * span_len], 1).to(device)
-    mask = AttentionMask(prefix_len=P, hidden_span=span)
+    mask = MaskLayout(AttentionMask(hidden_span=span), prefix_len=P)
     pairs = dense_mask(mask, n_demo, T, P + T, device).sum().item()
     loo_flops = 3.5 * 4 * H * D * pairs
     inputs = [q, k, v, *prefix]
@@ -188,7 +188,8 @@ def log_log_slope(ks, times) -> float:
 
 def bench_ct(argv):
     import context_tuning as ct
-    from model import ModelConfig, create_model, merge_lora
+    from lora import merge_lora
+    from model import ModelConfig, create_model, prefill
     parser = argparse.ArgumentParser(prog="bench.py ct", description="context tuning: time per optimisation step and "
                                      "peak memory against k, for CT-KV, CT-Prompt and TTT (random-weight Llama shapes)")
     parser.add_argument("--tiny", action="store_true", help="the tiny preset, k up to 8, 16-token demonstrations, "
@@ -214,7 +215,7 @@ def bench_ct(argv):
     rows, times = [], {}
     for size, cfg in sizes.items():
         model = create_model(cfg, device, dtype, seed=0).eval().requires_grad_(False)
-        head = ct.TokenHead(model)
+        io = ct.TokenIO(model)
         for k in ks:
             gen = torch.Generator().manual_seed(k)
             demos = [ct.token_demo(model, torch.randint(3, cfg.vocab_size, (L,), generator=gen).tolist(), L - 8)
@@ -238,11 +239,11 @@ def bench_ct(argv):
                 base = torch.cuda.memory_allocated() if cuda else 0
                 try:
                     if method == "ct-kv":
-                        ct.tune_kv(model, head, ep, ct.prefix_kv_of(model, ep.context()), tune, ep.spans(), 0.05)
+                        ct.tune_kv(model, io, ep, prefill(model, embeds=ep.context()), tune, ep.spans(), 0.05)
                     elif method == "ct-prompt":
-                        ct.tune_prompt(model, head, ep, ep.context(), tune, ep.spans(), 0.05)
+                        ct.tune_prompt(model, io, ep, ep.context(), tune, ep.spans(), 0.05)
                     else:
-                        ct.tune_lora(model, head, ep, tune)
+                        ct.tune_lora(model, io, ep, tune)
                 except torch.OutOfMemoryError:
                     rows.append((size, k, P, method, "OOM", "", ""))
                     continue
@@ -254,7 +255,7 @@ def bench_ct(argv):
                 times.setdefault((size, method), {})[k] = ms
                 rows.append((size, k, P, method, f"{ms:.1f}", f"{peak:.2f}", math.ceil(k / min(per_forward, k))))
                 print(*rows[-1], sep="\t", flush=True)
-        del model, head
+        del model, io
     print("\nTime per optimisation step and peak memory above the weights:")
     print(table(rows, ["model", "k", "prefix tokens P", "method", "ms/step", "peak GiB", "micro-batches"]))
     summary = []
@@ -275,16 +276,19 @@ def bench_ct(argv):
 def bench_eval(argv):
     from pathlib import Path
 
+    import benchmark_data
     import evaluate as ev
+    import scoring
     from data import Tokenizer
-    from model import ModelConfig, create_model, hf_key
+    from hf_checkpoint import hf_key
+    from model import ModelConfig, create_model
     parser = argparse.ArgumentParser(prog="bench.py eval", description="evaluate.py's log-likelihood scoring (shared "
                                      "prefix encoded once, length-sorted right-padded batches, vocabulary projection "
                                      "only where scored) vs transformers' LlamaForCausalLM scoring the same prompts "
                                      "naively (batch 1, one question per forward with its options read at the last "
                                      "position, full prompt, full logits); same random weights, same tokens")
     parser.add_argument("--tiny", action="store_true", help="the tiny preset instead of llama2-7b (CPU smoke test)")
-    parser.add_argument("--data-dir", default=str(ev.DEFAULT_DATA_DIR),
+    parser.add_argument("--data-dir", default=str(benchmark_data.DEFAULT_DATA_DIR),
                         help="laid out as ../shared/data: mmlu-medical/, medqa-usmle-4opt/, llama2-tokenizer/")
     parser.add_argument("--limit", type=int, help="first N questions of each MMLU subject and of MedQA")
     parser.add_argument("--batch-tokens", type=int, default=16384, help="evaluate.py's padded tokens per batch")
@@ -303,15 +307,17 @@ def bench_eval(argv):
     tasks = {"MMLU-medical 5-shot": ("mmlu-medical", 5), "MedQA 0-shot": ("medqa", 0)}
     try:
         tok = Tokenizer(Path(args.data_dir) / "llama2-tokenizer" / "tokenizer.model")
-        questions = {name: ev.encode_questions(tok, ev.build_task(task, args.data_dir, k, limit=args.limit))
+        questions = {name: scoring.encode_questions(tok, benchmark_data.build_questions(task, args.data_dir, k,
+                                                                                        limit=args.limit))
                      for name, (task, k) in tasks.items()}
-    except (ValueError, FileNotFoundError) as e:  # ev.DataError is a ValueError
+    except (ValueError, FileNotFoundError) as e:  # benchmark_data.DataError is a ValueError
         raise SystemExit(f"error: {e}")
     print(f"tokenized {sum(map(len, questions.values()))} questions in {time.perf_counter() - start:.1f} s "
           "(shared by both paths, not timed)")
 
     ours = create_model(ModelConfig.from_name(preset), device, dtype, seed=0).eval()
-    fields = {k: v for k, v in ours.cfg.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")}
+    fields = {k: v for k, v in ours.cfg.to_hf_dict().items()
+              if k not in ("architectures", "model_type", "torch_dtype", "rope_parameters")}
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build the reference directly in bf16 (a fp32 7B would need 27 GB first)
     with torch.device(device):
@@ -335,14 +341,15 @@ def bench_eval(argv):
     paths = {"ours, shared prefix": False, "ours, per-row prefix": True}
     rows, totals = [], {}
     for name, qs in questions.items():
-        ev.score_naive(naive_logits, qs[:3])  # warm-up
-        naive, naive_s = seconds(lambda: ev.score_naive(naive_logits, qs, progress=True))
+        scoring.score_naive(naive_logits, qs[:3])  # warm-up
+        naive, naive_s = seconds(lambda: scoring.score_naive(naive_logits, qs, progress=True))
         golds = [q.gold for q in qs]
         rows.append((name, "transformers naive", len(qs), sum(len(q.context) for q in qs), "", f"{naive_s:.1f}", "",
-                     "", "", "", f"{ev.accuracy(golds, ev.predict(naive)):.3f}"))
+                     "", "", "", f"{ev.accuracy(golds, scoring.predict(naive)):.3f}"))
         totals.setdefault("transformers naive", [0, 0.0, 0.0])[1] += naive_s
         for path, per_row in paths.items():
-            run = lambda: ev.score_fast(ours, qs, args.batch_tokens, desc=name, progress=False, per_row_prefix=per_row)
+            run = lambda: scoring.score_options(ours, qs, batch_tokens=args.batch_tokens, desc=name, progress=False,
+                                                per_row_prefix=per_row)
             try:
                 _, first_s = seconds(run)
                 fast, fast_s = seconds(run)
@@ -351,14 +358,14 @@ def bench_eval(argv):
                              "", ""))
                 totals.setdefault(path, [0, 0.0, 0.0])[0] = float("nan")
                 continue
-            same = sum(a == b for a, b in zip(ev.predict(fast), ev.predict(naive)))
+            same = sum(a == b for a, b in zip(scoring.predict(fast), scoring.predict(naive)))
             diff = max(abs(a - b) for fr, nr in zip(fast, naive) for a, b in zip(fr, nr))
             # How close to a tie the disagreements were (bf16 rounding differs between the two implementations).
             margins = [sorted(nr)[-1] - sorted(nr)[-2] for fr, nr in zip(fast, naive)
-                       if ev.predict([fr]) != ev.predict([nr])]
+                       if scoring.predict([fr]) != scoring.predict([nr])]
             rows.append((name, path, len(qs), "", f"{first_s:.1f}", f"{fast_s:.1f}", f"{naive_s / fast_s:.1f}x",
                          f"{same}/{len(qs)}", f"{diff:.3f}", f"{max(margins):.3f}" if margins else "-",
-                         f"{ev.accuracy(golds, ev.predict(fast)):.3f}"))
+                         f"{ev.accuracy(golds, scoring.predict(fast)):.3f}"))
             t = totals.setdefault(path, [0, 0.0, 0.0])
             t[1], t[2] = t[1] + fast_s, t[2] + first_s
     naive_total = totals["transformers naive"][1]
@@ -382,13 +389,15 @@ def bench_synthetic(argv):
     schedule's step (batch 64, fp32, eager) against synthetic.py's pretraining step (batch 512, bf16, compiled) and
     fine-tuning steps (batch 128, bf16, eager), with the time each schedule's step count would take."""
     from contextlib import nullcontext
+
+    import icl_regression as R
     import synthetic as S
     parser = argparse.ArgumentParser(prog="bench.py synthetic", description=bench_synthetic.__doc__)
     parser.add_argument("--tiny", action="store_true", help="the test-sized model (CPU smoke test)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = S.PRESETS["test" if args.tiny else "full"]
-    model = S.build_model(cfg, 0).to(device)
+    cfg = S.SYNTHETIC_PRESETS["test" if args.tiny else "full"]
+    model = R.build_regression_model(cfg, 0).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
 
@@ -396,7 +405,7 @@ def bench_synthetic(argv):
         prompt, _ = S.sample_prompt(cfg, task, method, batch_size, torch.Generator(device).manual_seed(0))
 
         def step():
-            with S.autocast(device) if bf16 else nullcontext():
+            with R.bf16_autocast(device) if bf16 else nullcontext():
                 loss = S.squared_errors(forward, prompt).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -404,7 +413,7 @@ def bench_synthetic(argv):
         return step
 
     compiled = torch.compile(model)
-    ours = "bf16" if device == "cuda" else "fp32"  # synthetic.autocast is bf16 on CUDA only
+    ours = "bf16" if device == "cuda" else "fp32"  # icl_regression.bf16_autocast is bf16 on CUDA only
     cases = [("pretrain, official: fp32, eager", model, "linear", "cpt", 64, False, 500_000),
              (f"pretrain, synthetic.py: {ours}, compiled", compiled, "linear", "cpt", cfg.pretrain_batch, True,
               cfg.pretrain_steps),
@@ -438,6 +447,7 @@ def bench_train(argv):
 
     import cft
     from data import Rows
+    from distributed import setup_distributed, shutdown_distributed
     from model import ModelConfig
     parser = argparse.ArgumentParser(prog="bench.py train", description=bench_train.__doc__)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: a tiny model, fp32")
@@ -449,7 +459,7 @@ def bench_train(argv):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args(argv)
-    env = cft.setup_distributed("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    env = setup_distributed("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     cuda = env.device.type == "cuda"
     if args.tiny:
         model_cfg = ModelConfig.from_name("tiny", n_layers=2)
@@ -481,9 +491,9 @@ def bench_train(argv):
         return tokens_per_step * args.steps / seconds, peak
 
     def ours(compile_blocks: bool):
-        cfg = cft.Config(batch_size=args.micro_batch_size * env.world, micro_batch_size=args.micro_batch_size,
+        cfg = cft.CFTConfig(batch_size=args.micro_batch_size * env.world, micro_batch_size=args.micro_batch_size,
                          seq_len=args.seq_len, lr=1e-5, compile=compile_blocks, precision="bf16" if cuda else "fp32")
-        lm = cft.build_model(cfg, model_cfg, env, 0)
+        lm = cft.build_language_model(cfg, model_cfg, env, 0)
         optimizer, params = cft.make_optimizer(lm, "model", cfg, env)
         n_targets = tokens_per_step
 
@@ -497,7 +507,8 @@ def bench_train(argv):
 
     def transformers_llama():
         from transformers import LlamaConfig, LlamaForCausalLM
-        fields = {k: v for k, v in model_cfg.to_hf_dict().items() if k not in ("architectures", "torch_dtype")}
+        fields = {k: v for k, v in model_cfg.to_hf_dict().items()
+                  if k not in ("architectures", "torch_dtype", "rope_parameters")}
         hf = LlamaConfig(**fields, attn_implementation="sdpa")
         torch.manual_seed(0)
         with torch.device(env.device):
@@ -538,7 +549,7 @@ def bench_train(argv):
     results = {}
     for name, run in cases:
         results[name] = run()
-        if env.main:  # as each case ends, so a run cut short still reports what it measured
+        if env.is_main:  # as each case ends, so a run cut short still reports what it measured
             print(f"{name}: {results[name][0]:,.0f} tokens/s, peak {results[name][1]:.1f} GiB", flush=True)
         gc.collect()  # free the previous model before the next one is built
         if cuda:
@@ -547,7 +558,7 @@ def bench_train(argv):
     peak_flops = 989e12 * env.world
     table_rows = [(name, f"{tps:,.0f}", f"{tps * flops / peak_flops:.1%}", f"{peak:.1f}",
                    f"{tps / base[0]:.2f}x" if base else "") for name, (tps, peak) in results.items()]
-    if env.main:
+    if env.is_main:
         device = torch.cuda.get_device_name() if cuda else "cpu"
         print(f"device: {env.world} x {device}; {model_cfg.n_layers} layers x {model_cfg.dim} "
               f"({model_cfg.num_params() / 1e9:.2f}B params), seq {args.seq_len}, micro-batch {args.micro_batch_size} "
@@ -555,7 +566,7 @@ def bench_train(argv):
               f"{'bf16 compute, fp32 master weights' if cuda else 'fp32'}; MFU = {flops / 1e9:.2f} GFLOP/token / "
               f"989 TFLOP/s per GPU; {args.steps} timed steps after {args.warmup}")
         print(table(table_rows, ["implementation", "tokens/s", "MFU", "peak GiB", "vs transformers"]))
-    cft.shutdown_distributed(env, finished=True)
+    shutdown_distributed(env, finished=True)
 
 
 SUBCOMMANDS = {

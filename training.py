@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from atomic import commit_folder, staging_folder, write_text
+from atomic import commit_folder, staging_folder, staging_path, write_text
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, final_fraction: float = 0.0) -> float:
@@ -81,7 +81,7 @@ def save_training_state(folder, model: nn.Module, optimizer, meta: dict, env) ->
     if env.is_main:
         staging_folder(folder)
     env.barrier()
-    tmp = folder.parent / f".{folder.name}.tmp"
+    tmp = staging_path(folder)
     save_file(local, tmp / f"rank-{env.rank}-of-{env.world}.safetensors", metadata={"format": "pt"})
     env.barrier()
     if env.is_main:

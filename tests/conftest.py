@@ -28,13 +28,14 @@ def tiny_cfg(vocab_size: int = 512, **overrides) -> ModelConfig:
     return ModelConfig(**{**fields, **overrides})
 
 
-def torchrun(script: Path, argv: list[str], cwd: Path, nproc: int = 2):
-    """Run an entry file under torchrun (gloo, one thread per process, a free port) and require exit status 0."""
+def torchrun(script: Path, argv: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run an entry file under torchrun (gloo, one thread per process, a free port); require exit status 0."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(script), *argv]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             cwd=cwd, timeout=300)
     assert result.returncode == 0, result.stderr[:4000] + "\n...\n" + result.stderr[-2000:]
+    return result
 
 
 def _generated_sentences(n: int, seed: int = 0):
