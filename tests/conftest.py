@@ -22,6 +22,19 @@ needs_data = pytest.mark.skipif(not (SHARED_DATA / "mmlu-medical").is_dir() or n
 torch.set_num_threads(2)
 
 
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def one_thread():
+    """For tiny models: one intra-op thread is faster than two (synthetic.py's CLI does the same on CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_cfg(vocab_size: int = 512, **overrides) -> ModelConfig:
     """A model small enough for exact CPU tests: grouped-query attention (4 heads, 2 KV heads)."""
     fields = dict(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=512)

@@ -3,21 +3,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import seeded
 
 import icl_regression as R
 
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster than two (synthetic.main does the same on CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -26,16 +16,16 @@ def one_thread():
 
 @pytest.mark.parametrize("task", R.SAMPLER_TASKS)
 def test_sample_tasks_shapes_and_seeding(task):
-    batch = R.sample_tasks(task, 8, 5, 3, gen(1))
+    batch = R.sample_tasks(task, 8, 5, 3, seeded(1))
     assert batch.xs.shape == (8, 5, 3) and batch.w.shape == (8, 3) and batch.v.shape == (8, 3)
     assert batch.values().shape == (8, 5)
-    again, other = R.sample_tasks(task, 8, 5, 3, gen(1)), R.sample_tasks(task, 8, 5, 3, gen(2))
+    again, other = R.sample_tasks(task, 8, 5, 3, seeded(1)), R.sample_tasks(task, 8, 5, 3, seeded(2))
     assert torch.equal(batch.xs, again.xs) and torch.equal(batch.w, again.w)
     assert not torch.equal(batch.xs, other.xs)
 
 
 def test_sample_tasks_distributions():
-    batch = R.sample_tasks("linear", 4000, 10, 4, gen())
+    batch = R.sample_tasks("linear", 4000, 10, 4, seeded())
     for name, t in (("x", batch.xs), ("w", batch.w), ("v", batch.v)):
         assert abs(t.mean().item()) < 0.03, name
         assert abs(t.var().item() - 1) < 0.05, name
@@ -43,12 +33,12 @@ def test_sample_tasks_distributions():
     assert abs(batch.values().var().item() - 4) < 0.3
     cov = torch.cov(batch.xs.reshape(-1, 4).T)
     assert torch.allclose(cov, torch.eye(4), atol=0.03)
-    shifted = R.sample_tasks("shifted-linear", 4000, 2, 4, gen(), w_shift=1.5)
+    shifted = R.sample_tasks("shifted-linear", 4000, 2, 4, seeded(), w_shift=1.5)
     assert abs(shifted.w.mean().item() - 1.5) < 0.03 and abs(shifted.w.var().item() - 1) < 0.05
 
 
 def test_task_values():
-    batch = R.sample_tasks("polynomial", 6, 4, 3, gen())
+    batch = R.sample_tasks("polynomial", 6, 4, 3, seeded())
     f = (batch.xs * batch.w[:, None]).sum(-1)
     fv = (batch.xs * batch.v[:, None]).sum(-1)
     expected = {"linear": f, "shifted-linear": f, "polynomial": f + f * f, "relu": f.clamp(min=0), "sumdot": f + fv}
@@ -58,7 +48,7 @@ def test_task_values():
 
 @pytest.mark.parametrize("task", R.SAMPLER_TASKS)
 def test_true_gradient_equals_autograd(task):
-    batch = R.sample_tasks(task, 16, 1, 5, gen(3))
+    batch = R.sample_tasks(task, 16, 1, 5, seeded(3))
     x = batch.xs[:, 0].clone().requires_grad_(True)
     (autograd,) = torch.autograd.grad(batch.values(x[:, None]).sum(), x)
     assert torch.allclose(batch.gradient(x.detach()), autograd, atol=1e-5)
@@ -68,7 +58,7 @@ def test_true_gradient_equals_autograd(task):
 
 
 def test_curriculum_zeroes_trailing_dims_and_grows():
-    batch = R.sample_tasks("linear", 4, 6, 5, gen(), active_dims=2)
+    batch = R.sample_tasks("linear", 4, 6, 5, seeded(), active_dims=2)
     assert batch.xs[..., 2:].abs().sum() == 0 and batch.xs[..., :2].abs().min() > 0
     cfg = R.REGRESSION_PRESETS["full"]
     assert R.curriculum(cfg, 0) == (5, 11)
@@ -96,7 +86,7 @@ def tiny_model(seed=0):
 def test_regression_transformer_shapes_and_causality():
     model = tiny_model()
     assert set(vars(model)["_modules"]) == {"read_in", "backbone", "read_out"}
-    batch = R.sample_tasks("linear", 2, 7, 3, gen())
+    batch = R.sample_tasks("linear", 2, 7, 3, seeded())
     ys = batch.values()
     with torch.no_grad():
         preds = model(batch.xs, ys)
@@ -112,7 +102,7 @@ def test_regression_transformer_shapes_and_causality():
 def test_prompt_offset_does_not_change_predictions():
     """Rotary positions are relative: the official UFT defect (targets on absolute positions 82-163) cannot occur."""
     model = tiny_model()
-    batch = R.sample_tasks("linear", 2, 7, 3, gen())
+    batch = R.sample_tasks("linear", 2, 7, 3, seeded())
     with torch.no_grad():
         plain = model(batch.xs, batch.values())
         shifted = model(batch.xs, batch.values(), positions=torch.arange(14) + 14)

@@ -6,22 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import seeded
 
 import icl_regression as R
 import synthetic as S
 
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster than two (synthetic.main does the same on CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -29,20 +19,20 @@ def one_thread():
 
 
 def test_cpt_prompt_has_no_context():
-    batch = R.sample_tasks("polynomial", 4, 6, 3, gen())
-    prompt = S.build_prompt("cpt", batch, gen(1))
+    batch = R.sample_tasks("polynomial", 4, 6, 3, seeded())
+    prompt = S.build_prompt("cpt", batch, seeded(1))
     assert prompt.n_context == 0
     assert torch.equal(prompt.xs, batch.xs) and torch.equal(prompt.ys, batch.values())
 
 
 def test_cft_context_repeats_query_xs_with_base_labels():
-    batch = R.sample_tasks("sumdot", 4, 6, 3, gen())
-    prompt = S.build_prompt("cft", batch, gen(1))
+    batch = R.sample_tasks("sumdot", 4, 6, 3, seeded())
+    prompt = S.build_prompt("cft", batch, seeded(1))
     assert prompt.n_context == 6 and prompt.xs.shape == (4, 12, 3)
     assert torch.equal(prompt.xs[:, :6], prompt.xs[:, 6:]) and torch.equal(prompt.xs[:, 6:], batch.xs)
     assert torch.equal(prompt.ys[:, :6], batch.base()) and torch.equal(prompt.ys[:, 6:], batch.values())
     # --fresh-context: new x's, still labelled by the same f
-    fresh = S.build_prompt("cft", batch, gen(1), fresh_context=True)
+    fresh = S.build_prompt("cft", batch, seeded(1), fresh_context=True)
     assert not torch.isclose(fresh.xs[:, :6], batch.xs).any()
     assert torch.allclose(fresh.ys[:, :6], batch.base(fresh.xs[:, :6]))
     assert torch.equal(fresh.ys[:, 6:], batch.values())
@@ -51,8 +41,8 @@ def test_cft_context_repeats_query_xs_with_base_labels():
 @pytest.mark.parametrize("matched", [False, True])
 def test_neg_cft_context_labels_are_noise(matched):
     d = 16
-    batch = R.sample_tasks("polynomial", 2000, 5, d, gen())
-    prompt = S.build_prompt("neg-cft", batch, gen(1), matched_noise=matched)
+    batch = R.sample_tasks("polynomial", 2000, 5, d, seeded())
+    prompt = S.build_prompt("neg-cft", batch, seeded(1), matched_noise=matched)
     noise, f = prompt.ys[:, :5], batch.base()
     assert torch.equal(prompt.xs[:, :5], batch.xs) and torch.equal(prompt.ys[:, 5:], batch.values())
     assert abs(noise.std().item() - (math.sqrt(d) if matched else 1.0)) < 0.05 * (math.sqrt(d) if matched else 1.0)
@@ -81,9 +71,9 @@ class KnownGradientModel(torch.nn.Module):
 @pytest.mark.parametrize("task,method", [("polynomial", "cpt"), ("relu", "cft"), ("sumdot", "neg-cft")])
 def test_inner_product_against_known_gradient(task, method):
     d = 4
-    batch = R.sample_tasks(task, 64, 5, d, gen())
-    prompt = S.build_prompt(method, batch, gen(1))
-    u, s = torch.randn(d, generator=gen(2)), torch.randn(d, generator=gen(3))
+    batch = R.sample_tasks(task, 64, 5, d, seeded())
+    prompt = S.build_prompt(method, batch, seeded(1))
+    u, s = torch.randn(d, generator=seeded(2)), torch.randn(d, generator=seeded(3))
     got = S.inner_products(KnownGradientModel(u, s), prompt, batch)
     x, previous = prompt.xs[:, -1], prompt.xs[:, -2]
     model_grad = u + previous
