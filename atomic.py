@@ -90,3 +90,61 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One run per folder: a lock file naming its owner
+
+
+class FolderInUse(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+@contextmanager
+def folder_lock(folder, what: str = "run"):
+    """Hold FOLDER/.lock (pid, host, start time) while the block runs. A second process is refused at once with one
+    line naming the holder; a lock left by a process that no longer exists on this host is taken over (with a
+    message on stderr). The folder is created if needed."""
+    import json
+    import socket
+    import sys
+    import time
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                print(f"note: {lock}: taking over the lock of process {holder.get('pid')}, which no longer runs",
+                      file=sys.stderr)
+                lock.unlink(missing_ok=True)
+                continue
+            raise FolderInUse(f"{folder} is in use by another {what}: process {holder.get('pid', '?')} on "
+                              f"{holder.get('host', '?')} since {holder.get('started', '?')} (remove {lock} if "
+                              f"that process is gone)") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -55,3 +55,21 @@ def test_interrupted_replace_is_found_through_old(tmp_path):
     assert finished_folder(path, "meta.json") == tmp_path / "ckpt.old"
     commit_folder(path, replace=True)
     assert finished_folder(path, "meta.json") == path and (path / "meta.json").read_text() == "3"
+
+
+def test_folder_lock_refuses_a_second_holder_and_takes_over_a_stale_lock(tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+    from atomic import FolderInUse, folder_lock
+    with folder_lock(tmp_path / "run") as lock:
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid()
+        with pytest.raises(FolderInUse, match=f"in use by another run: process {os.getpid()} on"):
+            with folder_lock(tmp_path / "run"):
+                pass
+    assert not lock.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": holder["host"], "started": "earlier"}))
+    with folder_lock(tmp_path / "run"):
+        assert "no longer runs" in capsys.readouterr().err
