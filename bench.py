@@ -458,6 +458,8 @@ def bench_train(argv):
     parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile 2 steps of each of our cases: GPU time by kernel category")
     args = parser.parse_args(argv)
     env = setup_distributed("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     cuda = env.device.type == "cuda"
@@ -502,6 +504,8 @@ def bench_train(argv):
             index = index[env.rank * args.micro_batch_size:(env.rank + 1) * args.micro_batch_size]
             cft.train_step(lm, optimizer, rows, index, n_targets, cfg, env, params)
         result = measure(step)
+        if args.profile and cuda:
+            profiles[f"compiled={compile_blocks}"] = kernel_breakdown(lambda: [step(s) for s in range(2)])
         del lm, optimizer, params
         return result
 
@@ -541,6 +545,7 @@ def bench_train(argv):
         del model, optimizer
         return result
 
+    profiles = {}
     cases = [("cft.py loop, eager", lambda: ours(False))]
     if cuda:
         cases.append(("cft.py loop, torch.compile per block + fused loss", lambda: ours(True)))
@@ -566,7 +571,38 @@ def bench_train(argv):
               f"{'bf16 compute, fp32 master weights' if cuda else 'fp32'}; MFU = {flops / 1e9:.2f} GFLOP/token / "
               f"989 TFLOP/s per GPU; {args.steps} timed steps after {args.warmup}")
         print(table(table_rows, ["implementation", "tokens/s", "MFU", "peak GiB", "vs transformers"]))
+        for name, breakdown in profiles.items():
+            print(f"\nGPU time of 2 steps by kernel category (rank 0, ours, {name}):")
+            print(table(breakdown, ["category", "ms", "share", "largest kernel"]))
     shutdown_distributed(env, finished=True)
+
+
+KERNEL_CATEGORIES = (("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma")),
+                     ("attention", ("flash", "fmha", "attention", "cudnn")),
+                     ("communication", ("nccl",)), ("optimizer", ("adam", "multi_tensor")),
+                     ("fused (compiled)", ("triton",)), ("elementwise/reduce (eager)", ("elementwise", "reduce")))
+
+
+def kernel_breakdown(run) -> list[tuple]:
+    """Profile run() on CUDA and sum each kernel's own GPU time into a category by its name."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    totals, largest = {}, {}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+        if us <= 0:
+            continue
+        name = event.key.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        totals[category] = totals.get(category, 0.0) + us
+        if us > largest.get(category, (0, ""))[0]:
+            largest[category] = (us, event.key[:70])
+    total = sum(totals.values())
+    return [(c, f"{us / 1e3:.1f}", f"{us / total:.1%}", largest[c][1])
+            for c, us in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
 SUBCOMMANDS = {
