@@ -161,6 +161,19 @@ def bench_attention(argv):
     candidates = {"ours: attention() (FlexAttention, shared prefix)" if device == "cuda" else "ours: attention()":
                   lambda: attention(q, k, v, mask, prefix)}
     if device == "cuda":
+        def eager_fold():  # the path before fused_attention compiled the folding with the kernel (same block mask)
+            from torch.nn.attention.flex_attention import flex_attention
+
+            import fused_attention as fa
+            from model import allowed
+            fold = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], -1, D)
+            block_mask = fa._block_mask(mask, ("folded", n_demo, T, T), fa.folded_rule(mask, T, T, allowed), 1,
+                                        n_demo * T, P + n_demo * T, device)
+            keys, values = torch.cat([prefix[0], fold(k)], 2), torch.cat([prefix[1], fold(v)], 2)
+            out = fa._compile_once("plain", flex_attention)(fold(q), keys, values, block_mask=block_mask)
+            return out.view(H, n_demo, T, D).transpose(0, 1)
+        candidates["same kernel, folding copies eager (the previous path)"] = eager_fold
+
         def sdpa_dense():  # what a caller without the description would do: copy the prefix per row + dense mask
             keys, values = prepend_prefix(k, v, prefix)
             keep = dense_mask(mask, n_demo, T, P + T, device)

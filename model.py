@@ -15,13 +15,14 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fused_attention import flex_attention_path, prepend_prefix
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -284,40 +285,6 @@ def dense_mask(layout: MaskLayout, batch: int, n_queries: int, n_keys: int, devi
 # ----------------------------------------------------------------------------------------------------------------------
 # The one attention function: training, CT-KV, prefix tuning, evaluation and generation all call this.
 
-_flex_attention = None  # compiled on first use (CUDA only)
-
-
-def _compiled_flex():
-    global _flex_attention
-    if _flex_attention is None:
-        from torch.nn.attention.flex_attention import flex_attention
-        # Every new (batch, length) recompiles until dynamo marks the shape dynamic; the default limit of 8 would
-        # silently fall back to an unfused kernel that materialises all scores, so allow more.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _flex_attention = torch.compile(flex_attention)
-    return _flex_attention
-
-
-def _block_mask(layout: MaskLayout, key, mask_mod, batch, n_queries, n_keys, device):
-    # Built once per forward and shared by every layer (the layout lives for one forward).
-    if key not in layout.block_masks:
-        from torch.nn.attention.flex_attention import create_block_mask
-        with warnings.catch_warnings():  # _compile=True: evaluate the rule block-wise, never as a dense Q x K tensor
-            warnings.simplefilter("ignore", DeprecationWarning)
-            layout.block_masks[key] = create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device,
-                                                        _compile=True)
-    return layout.block_masks[key]
-
-
-def prepend_prefix(k, v, prefix):
-    """Keys/values [prefix | own] per row: the prefix is copied once per row (the exact path's layout)."""
-    if prefix is None:
-        return k, v
-    B = k.shape[0]
-    return (torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2),
-            torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2))
-
-
 def attention(q, k, v, layout: MaskLayout, prefix=None):
     """Scaled dot-product attention under a mask layout (an AttentionMask placed in key space).
 
@@ -340,42 +307,7 @@ def attention(q, k, v, layout: MaskLayout, prefix=None):
         k, v = prepend_prefix(k, v, prefix)
         keep = dense_mask(layout, B, T, k.shape[2], q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
-    return _flex(q, k, v, layout, prefix, gqa)
-
-
-def folded_rule(layout: MaskLayout, n_queries: int, n_own_keys: int):
-    """`allowed` for a batch folded into one sequence: query qi = row * n_queries + t, key ki < P is the shared prefix,
-    key P + row * n_own_keys + j is row's own key j. Rows never see each other's own keys."""
-    P = layout.prefix_len
-
-    def mask_mod(_b, _h, qi, ki):
-        row, t = qi // n_queries, qi % n_queries
-        j = (ki - P).clamp(min=0)
-        key_in_row = torch.where(ki < P, ki, P + j % n_own_keys)
-        return ((ki < P) | (j // n_own_keys == row)) & allowed(layout, row, t, key_in_row)
-    return mask_mod
-
-
-def _flex(q, k, v, layout: MaskLayout, prefix, gqa):
-    """FlexAttention with a block mask: memory grows with the number of 128x128 blocks, not queries x keys."""
-    B, H, T, D = q.shape
-    S = k.shape[2]
-    P = layout.prefix_len
-    flex = _compiled_flex()
-    if prefix is not None and prefix[0].shape[0] == 1 and B > 1:
-        # Shared prefix: fold the batch into the sequence axis, so the prefix is stored once:
-        # queries (1, H, B*T, D) attend to [prefix | row 0's keys | row 1's keys | ...] (1, Hkv, P + B*S, D).
-        fold = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], -1, D)  # (B, h, n, D) -> (1, h, B*n, D)
-        keys = torch.cat([prefix[0], fold(k)], dim=2)
-        values = torch.cat([prefix[1], fold(v)], dim=2)
-        block_mask = _block_mask(layout, ("folded", B, T, S), folded_rule(layout, T, S), 1, B * T, P + B * S, q.device)
-        out = flex(fold(q), keys, values, block_mask=block_mask, enable_gqa=gqa)
-        return out.view(H, B, T, D).transpose(0, 1)
-    k, v = prepend_prefix(k, v, prefix)
-    mask_mod = lambda b, _h, qi, ki: allowed(layout, b, qi, ki)
-    rows = B if layout.mask.varies_by_row() else None  # None: one block mask broadcast over the batch
-    block_mask = _block_mask(layout, ("plain", rows, T, k.shape[2]), mask_mod, rows, T, k.shape[2], q.device)
-    return flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return flex_attention_path(q, k, v, layout, prefix, gqa, allowed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from conftest import LLAMA_TOKENIZER, ROOT, tiny_cfg
 
 from hf_checkpoint import save_pretrained
-from model import (AttentionMask, KVCache, MaskLayout, ModelConfig, Transformer, attention, create_model, dense_mask,
-                   folded_rule, generate, prefill)
+from fused_attention import folded_rule
+from model import (AttentionMask, KVCache, MaskLayout, ModelConfig, Transformer, allowed, attention, create_model,
+                   dense_mask, generate, prefill)
 
 
 def test_llama2_7b_preset_builds_on_meta():
@@ -162,7 +163,7 @@ def test_folded_rule_equals_per_row_rule():
     per_row = dense_mask(layout, B, T, P + S)[:, 0]  # (B, T, P + S)
     qi = torch.arange(B * T).view(-1, 1)
     ki = torch.arange(P + B * S).view(1, -1)
-    folded = folded_rule(layout, T, S)(0, 0, qi, ki).view(B, T, P + B * S)
+    folded = folded_rule(layout, T, S, allowed)(0, 0, qi, ki).view(B, T, P + B * S)
     for b in range(B):
         own = slice(P + b * S, P + (b + 1) * S)
         assert torch.equal(folded[b, :, :P], per_row[b, :, :P])

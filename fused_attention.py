@@ -1,0 +1,83 @@
+"""The CUDA path of model.attention: the mask rule (model.allowed) run as FlexAttention block masks.
+
+A block mask records which 128 x 128 tiles of (queries x keys) hold any allowed pair, so memory grows with the number
+of tiles, not with queries x keys, and fully masked tiles cost nothing. The rule is passed in (`rule(layout, b, q,
+kv)`), so this file depends on no model code and the dense CPU path and this one cannot disagree about it.
+"""
+import warnings
+
+import torch
+
+_compiled = {}  # torch.compile'd callables, made on first use (CUDA only)
+
+
+def _compile_once(name, fn):
+    if name not in _compiled:
+        # Every new (batch, length) recompiles until dynamo marks the shape dynamic; the default limit of 8 would
+        # silently fall back to an unfused kernel that materialises all scores, so allow more.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _compiled[name] = torch.compile(fn)
+    return _compiled[name]
+
+
+def _block_mask(layout, key, mask_mod, batch, n_queries, n_keys, device):
+    # Built once per forward and shared by every layer (the layout lives for one forward).
+    if key not in layout.block_masks:
+        from torch.nn.attention.flex_attention import create_block_mask
+        with warnings.catch_warnings():  # _compile=True: evaluate the rule block-wise, never as a dense Q x K tensor
+            warnings.simplefilter("ignore", DeprecationWarning)
+            layout.block_masks[key] = create_block_mask(mask_mod, batch, None, n_queries, n_keys, device=device,
+                                                        _compile=True)
+    return layout.block_masks[key]
+
+
+def prepend_prefix(k, v, prefix):
+    """Keys/values [prefix | own] per row: the prefix is copied once per row (the exact path's layout)."""
+    if prefix is None:
+        return k, v
+    B = k.shape[0]
+    return (torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2),
+            torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2))
+
+
+def folded_rule(layout, n_queries: int, n_own_keys: int, rule):
+    """`rule` for a batch folded into one sequence: query qi = row * n_queries + t, key ki < P is the shared prefix,
+    key P + row * n_own_keys + j is row's own key j. Rows never see each other's own keys."""
+    P = layout.prefix_len
+
+    def mask_mod(_b, _h, qi, ki):
+        row, t = qi // n_queries, qi % n_queries
+        j = (ki - P).clamp(min=0)
+        key_in_row = torch.where(ki < P, ki, P + j % n_own_keys)
+        return ((ki < P) | (j // n_own_keys == row)) & rule(layout, row, t, key_in_row)
+    return mask_mod
+
+
+def _folded_flex(q, k, v, prefix_k, prefix_v, block_mask, gqa: bool):
+    """Shared prefix, stored once: fold the batch into the sequence axis, queries (1, H, B*T, D) attend to
+    [prefix | row 0's keys | row 1's keys | ...] (1, Hkv, P + B*S, D). Compiled as a whole, so the folding copies
+    fuse into few kernels and one call pays one guard check."""
+    from torch.nn.attention.flex_attention import flex_attention
+    B, H, T, D = q.shape
+    fold = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], -1, D)  # (B, h, n, D) -> (1, h, B*n, D)
+    keys = torch.cat([prefix_k, fold(k)], dim=2)
+    values = torch.cat([prefix_v, fold(v)], dim=2)
+    out = flex_attention(fold(q), keys, values, block_mask=block_mask, enable_gqa=gqa)
+    return out.view(H, B, T, D).transpose(0, 1)
+
+
+def flex_attention_path(q, k, v, layout, prefix, gqa: bool, rule):
+    """FlexAttention under `rule`: q (B, H, T, D), own keys k, v (B, Hkv, S, D), prefix (k, v) of batch 1 (shared,
+    folded) or B (copied per row), or None."""
+    B, H, T, D = q.shape
+    S, P = k.shape[2], layout.prefix_len
+    if prefix is not None and prefix[0].shape[0] == 1 and B > 1:
+        block_mask = _block_mask(layout, ("folded", B, T, S), folded_rule(layout, T, S, rule), 1, B * T, P + B * S,
+                                 q.device)
+        return _compile_once("folded", _folded_flex)(q, k, v, prefix[0], prefix[1], block_mask, gqa)
+    from torch.nn.attention.flex_attention import flex_attention
+    k, v = prepend_prefix(k, v, prefix)
+    mask_mod = lambda b, _h, qi, ki: rule(layout, b, qi, ki)
+    rows = B if layout.mask.varies_by_row() else None  # None: one block mask broadcast over the batch
+    block_mask = _block_mask(layout, ("plain", rows, T, k.shape[2]), mask_mod, rows, T, k.shape[2], q.device)
+    return _compile_once("plain", flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=gqa)
