@@ -119,6 +119,7 @@ class Question:
     text: str            # the question's own prompt
     choices: tuple
     gold: int
+    doc_id: int = 0      # the item's index in its test file (an MMLU subject's file), as the harness's doc_id
 
 
 def multiple_choice_text(question: str, options) -> str:
@@ -221,6 +222,100 @@ CLASSIFICATION = {
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# What each task is, for result files: the prompt template, the label set, the names other harnesses give it.
+
+PROMPT_TEMPLATES = {
+    "mmlu-medical": "lm-evaluation-harness mmlu: description 'The following are multiple choice questions (with "
+                    "answers) about {subject}.\\n\\n' + k dev demonstrations in file order, each '{question}\\nA. "
+                    "{A}\\nB. {B}\\nC. {C}\\nD. {D}\\nAnswer: {letter}\\n\\n', then the question ending in 'Answer:'",
+    "medqa": "lm-evaluation-harness medqa_4options: 'Question: {question}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\n"
+             "Answer:'; k seeded demonstrations '{prompt} {letter}\\n\\n' from the train split, else from "
+             f"{MEDQA_DEMO_POOL} seeded test questions that are then not scored",
+    "fiqa-sa": "PIXIU/FLARE flare_fiqasa: the first of the 10 templates of each item ('What is the sentiment of the "
+               "following financial {category}: Positive, Negative, or Neutral?\\nText: {text}\\nAnswer:'); k "
+               "seeded train demonstrations '{prompt} {label}\\n\\n'",
+    "causal20": "FLARE flare_causal20_sc: '" + CAUSAL20_PROMPT.replace("\n", "\\n") + "'; k seeded practice-set "
+                "demonstrations '{prompt} {label}\\n\\n'",
+    "multifin": "FLARE flare_multifin_en: '" + MULTIFIN_PROMPT.replace("\n", "\\n") + "'; k seeded train "
+                "demonstrations '{prompt} {label}\\n\\n'",
+}
+# The name of each task in lm-evaluation-harness (MMLU: one task per subject) or FinBen, for diffing result files.
+HARNESS_NAMES = {"mmlu-medical": "mmlu_{subject}", "medqa": "medqa_4options", "fiqa-sa": "flare_fiqasa",
+                 "causal20": "flare_causal20_sc", "multifin": "flare_multifin_en"}
+TEST_FILES = {"mmlu-medical": "mmlu-medical/test/{subject}_test.csv",
+              "medqa": "medqa-usmle-4opt/phrases_no_exclude_test.jsonl"} | {t: f for t, (f, _, _) in CLASSIFICATION.items()}
+LIMIT_MODES = ("random", "first")
+
+
+def task_labels(task: str) -> tuple:
+    """The answer strings of a task, in the order FinBen's label matching tries them."""
+    if task in CLASSIFICATION:
+        return {"fiqa-sa": FIQA_LABELS, "causal20": CAUSAL20_LABELS, "multifin": MULTIFIN_LABELS}[task]
+    return tuple(LETTERS)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Subsets (--limit): a seeded random subset by default, class-stratified for classification; or the first N
+
+
+def stratified_quota(counts: dict, limit: int) -> dict:
+    """How many of each class a subset of `limit` takes: proportional to the class sizes, rounded by the largest
+    remainder (ties: the class listed first), so the subset's class shares follow the test set's."""
+    total = sum(counts.values())
+    exact = {c: limit * n / total for c, n in counts.items()}
+    quota = {c: int(x) for c, x in exact.items()}
+    for c in sorted(counts, key=lambda c: -(exact[c] - quota[c]))[:limit - sum(quota.values())]:
+        quota[c] += 1
+    return quota
+
+
+def subset_indices(golds: list[int], limit: int | None, seed, mode: str = "first",
+                   stratified: bool = False) -> list[int]:
+    """Indices (in file order) of the items --limit keeps. mode "first": the first `limit`; "random": a sample drawn
+    with random.Random(seed), per class by stratified_quota when `stratified`."""
+    if mode not in LIMIT_MODES:
+        raise DataError(f"--limit-mode {mode!r}: expected one of {', '.join(LIMIT_MODES)}")
+    if limit is None or limit >= len(golds):
+        return list(range(len(golds)))
+    if mode == "first":
+        return list(range(limit))
+    rng = random.Random(seed)
+    if not stratified:
+        return sorted(rng.sample(range(len(golds)), limit))
+    by_class = {}
+    for i, gold in enumerate(golds):
+        by_class.setdefault(gold, []).append(i)
+    quota = stratified_quota({c: len(members) for c, members in sorted(by_class.items())}, limit)
+    return sorted(i for c, members in sorted(by_class.items()) for i in rng.sample(members, quota[c]))
+
+
+def select_questions(questions: list[Question], limit: int | None, seed: int, mode: str = "first") -> list[Question]:
+    """--limit applied per group (an MMLU subject; otherwise the task): subset_indices with a seed per group, class-
+    stratified for the classification tasks. It depends on the seed and the test set only, so every k keeps the same
+    questions."""
+    groups = {}
+    for q in questions:
+        groups.setdefault(q.group, []).append(q)
+    chosen = []
+    for group, members in groups.items():
+        seed_of_group = seed if len(groups) == 1 else f"{seed}:{group}"
+        keep = subset_indices([q.gold for q in members], limit, seed_of_group, mode, stratified=group in CLASSIFICATION)
+        chosen += [members[i] for i in keep]
+    return chosen
+
+
+def describe_subset(task: str, limit: int | None, mode: str) -> str:
+    """How --limit chose a task's questions, in words (printed and stored in the result file); None: all of them."""
+    if limit is None:
+        return "all"
+    per = " per subject" if task == "mmlu-medical" else ""
+    if mode == "first":
+        return f"the first {limit}{per} (--limit-mode first)"
+    kind = "class-stratified, seeded" if task in CLASSIFICATION else "seeded"
+    return f"{limit}{per} drawn at random ({kind}; --limit-mode first for the first {limit})"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # k-shot tasks: the test items of a task as Questions, each group's demonstrations in its shared prefix
 
 
@@ -233,7 +328,7 @@ def sample_demos(pool: list[BenchmarkItem], k: int, seed: int) -> list[Benchmark
     return [pool[i] for i in order[:k]]
 
 
-def mmlu_questions(data_dir: Path, shots: int, limit: int | None) -> list[Question]:
+def mmlu_questions(data_dir: Path, shots: int) -> list[Question]:
     questions = []
     for subject in MMLU_SUBJECTS:
         dev = load_mmlu(data_dir / "mmlu-medical" / "dev" / f"{subject}_dev.csv")
@@ -242,14 +337,13 @@ def mmlu_questions(data_dir: Path, shots: int, limit: int | None) -> list[Questi
             raise DataError(f"mmlu-medical: {shots} shots asked for but {subject}_dev.csv has {len(dev)} rows")
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         prefix = few_shot_prefix(header, dev[:shots])  # the harness's first_n sampler: dev in file order
-        questions += [Question(subject, prefix, e.text, e.choices, e.gold) for e in test[:limit]]
+        questions += [Question(subject, prefix, e.text, e.choices, e.gold, i) for i, e in enumerate(test)]
     return questions
 
 
-def medqa_questions(data_dir: Path, shots: int, seed: int, limit: int | None,
-                    same_questions_at_every_k: bool) -> list[Question]:
+def medqa_questions(data_dir: Path, shots: int, seed: int, same_questions_at_every_k: bool) -> list[Question]:
     folder = data_dir / "medqa-usmle-4opt"
-    test = load_medqa(folder / "phrases_no_exclude_test.jsonl")
+    test = list(enumerate(load_medqa(folder / "phrases_no_exclude_test.jsonl")))  # (doc_id, item)
     demos = []
     if (folder / "phrases_no_exclude_train.jsonl").is_file():
         if shots:
@@ -259,13 +353,13 @@ def medqa_questions(data_dir: Path, shots: int, seed: int, limit: int | None,
         order = list(range(len(test)))
         random.Random(seed).shuffle(order)
         held_out = set(order[:MEDQA_DEMO_POOL])
-        demos = sample_demos([test[i] for i in order[:MEDQA_DEMO_POOL]], shots, seed)
-        test = [e for i, e in enumerate(test) if i not in held_out]
+        demos = sample_demos([test[i][1] for i in order[:MEDQA_DEMO_POOL]], shots, seed)
+        test = [pair for i, pair in enumerate(test) if i not in held_out]
     prefix = few_shot_prefix("", demos)
-    return [Question("medqa", prefix, e.text, e.choices, e.gold) for e in test[:limit]]
+    return [Question("medqa", prefix, e.text, e.choices, e.gold, doc_id) for doc_id, e in test]
 
 
-def classification_questions(task: str, data_dir: Path, shots: int, seed: int, limit: int | None) -> list[Question]:
+def classification_questions(task: str, data_dir: Path, shots: int, seed: int) -> list[Question]:
     test_file, pool_file, load = CLASSIFICATION[task]
     test = load(data_dir / test_file)
     demos = []
@@ -273,19 +367,22 @@ def classification_questions(task: str, data_dir: Path, shots: int, seed: int, l
         test_texts = {e.text for e in test}  # a demonstration must never be a test item (causal20 sets overlap)
         demos = sample_demos([e for e in load(data_dir / pool_file) if e.text not in test_texts], shots, seed)
     prefix = few_shot_prefix("", demos)
-    return [Question(task, prefix, e.text, e.choices, e.gold) for e in test[:limit]]
+    return [Question(task, prefix, e.text, e.choices, e.gold, i) for i, e in enumerate(test)]
 
 
 def build_questions(task: str, data_dir, shots: int, seed: int = 1234, limit: int | None = None,
-                    same_questions_at_every_k: bool = False) -> list[Question]:
-    """The questions of one task, each with its group's shared prefix. `limit`: first N questions per group.
-    same_questions_at_every_k (the ICL suite): a demonstration pool carved out of the test set (MedQA here) is
+                    same_questions_at_every_k: bool = False, limit_mode: str = "first") -> list[Question]:
+    """The questions of one task, each with its group's shared prefix, in test-file order; `limit`: select_questions
+    (N per group: the first N, or a seeded random sample with limit_mode "random").
+    same_questions_at_every_k (the ICL suites): a demonstration pool carved out of the test set (MedQA here) is
     left out at k = 0 too, so that every k scores the same questions."""
     data_dir = Path(data_dir)
     if task == "mmlu-medical":
-        return mmlu_questions(data_dir, shots, limit)
-    if task == "medqa":
-        return medqa_questions(data_dir, shots, seed, limit, same_questions_at_every_k)
-    if task in CLASSIFICATION:
-        return classification_questions(task, data_dir, shots, seed, limit)
-    raise DataError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
+        questions = mmlu_questions(data_dir, shots)
+    elif task == "medqa":
+        questions = medqa_questions(data_dir, shots, seed, same_questions_at_every_k)
+    elif task in CLASSIFICATION:
+        questions = classification_questions(task, data_dir, shots, seed)
+    else:
+        raise DataError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
+    return select_questions(questions, limit, seed, limit_mode)

@@ -1,221 +1,118 @@
-"""Evaluate a Llama on the paper's benchmarks by log-likelihood, with published prompt conventions, fast.
+"""Evaluate a Llama on the paper's benchmarks, with published prompts, results a user can diff against
+lm-evaluation-harness and FinBen, fast.
 
-  python evaluate.py --checkpoint DIR --tasks mmlu-medical,medqa --out base.json     # the paper's table
-  python evaluate.py --checkpoint DIR --suite icl --tasks fiqa-sa,multifin --out icl.json  # k = 0, 1, 4, 8
-  python evaluate.py --compare base.json cft.json                                    # side by side, with deltas
-  torchrun --nproc_per_node 8 evaluate.py --checkpoint DIR ...                      # questions split across ranks
+  python evaluate.py --model llama2-7b --out base.json                                # the paper's tables
+  python evaluate.py --checkpoint runs/cft/final --out cft.json --log-samples         # + samples_<task>.jsonl
+  python evaluate.py --model llama2-7b --adapter runs/lora/final --out lora.json      # a PEFT LoRA adapter
+  python evaluate.py --model llama2-7b --suite icl --tasks fiqa-sa,multifin           # k = 0, 1, 4, 8 (log-lik.)
+  python evaluate.py --model llama2-7b --suite icl-gen --leak-labels "True,False"     # k = 1, 4 generated
+  python evaluate.py --compare base.json cft.json --compare-out delta.csv             # deltas ± standard errors
+  torchrun --nproc_per_node 8 evaluate.py --model llama2-7b ...                       # rows split across ranks
 
-The tasks, their data files and prompts are in benchmark_data.py (tasks: mmlu-medical, medqa, fiqa-sa, causal20,
-multifin; data read from --data-dir, laid out as ../shared/data). How a question is scored is in scoring.py (the
-harness's `multiple_choice` convention): context = [BOS] + shared prefix (header + k demonstrations, each followed by
-" " + its answer and a blank line) + the question ending in "Answer:"; an option's continuation (" A", " Positive")
-is tokenized as encode(context + " " + option)[len(encode(context)):], and the prediction is the option with the
-highest summed log-likelihood. BOS is always prepended, as Llama saw it in training (when comparing with harness
-numbers: many harness versions add BOS only with add_bos_token=True). scoring.score_options shares each group's
-prefix, batches rows by length and reads the vocabulary only where scored: the same numbers as one question at a
-time (tests/test_scoring.py checks it); torchrun splits the rows across ranks.
-
-This file: metrics (accuracy, sklearn's F1), the paper's tables and --compare, the model with its optional LoRA
-adapter file or soft prompt, and the CLI (flags generated from EvalConfig).
+The tasks, their data files and prompts are in benchmark_data.py (mmlu-medical, medqa, fiqa-sa, causal20, multifin;
+read from --data-dir, laid out as ../shared/data). Two ways to answer:
+- log-likelihood (scoring.py, the harness's `multiple_choice`): context = [BOS] + shared prefix (header + k
+  demonstrations) + the question ending in "Answer:"; each option's continuation is scored by its summed
+  log-likelihood and the highest wins. MMLU and MedQA always; the finance tasks with --scoring loglik.
+- generation (answer_generation.py, FinBen's way; the finance tasks' default, --scoring generate): greedy answers of
+  up to --gen-tokens tokens, the label found in them as FinBen finds it, "missing" counted wrong, weighted F1 over
+  the gold labels. The icl-gen suite generates too and reads answers by exact match (metrics.answer_line).
+metrics.py holds the metrics and their standard errors; eval_report.py the result files, tables and --compare.
 """
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from atomic import write_text
-from benchmark_data import (CLASSIFICATION, DATA_LAYOUT, DEFAULT_DATA_DIR, DEFAULT_SHOTS, ICL_SHOTS, ICL_TASKS,
-                            MMLU_SUBJECTS, TASKS, DataError, build_questions)
+from answer_generation import MISSING, finben_label, gather_answers, generate_answers
+from benchmark_data import (CLASSIFICATION, DATA_LAYOUT, DEFAULT_DATA_DIR, DEFAULT_SHOTS, HARNESS_NAMES, ICL_SHOTS,
+                            ICL_TASKS, LIMIT_MODES, MMLU_SUBJECTS, PROMPT_TEMPLATES, TASKS, TEST_FILES, DataError,
+                            build_questions, describe_subset, select_questions, task_labels)
 from config_flags import add_config_flags, config_from_args, option
 from data import Tokenizer
 from distributed import Dist, setup_distributed, shutdown_distributed
-from hf_checkpoint import load_pretrained
-from lora import apply_lora, merge_lora
+from eval_report import (claimed_output, check_new_path, compare_results, comparison_csv, generated_sample,
+                         git_commit, loglik_sample, markdown_table, result_document, write_samples)
+from hf_checkpoint import check_inference_memory, load_pretrained, resolve_model
+from lora import load_peft_adapter, read_peft_config
+from metrics import BOOTSTRAP_SAMPLES, accuracy, exact_match, f1_scores, f1_with_stderr, leaked, rate_with_stderr
 from model import MODEL_PRESETS, PRECISIONS, ModelConfig, create_model, default_precision
-from scoring import EncodedQuestion, encode_questions, predict, score_options, sum_over_ranks
+from scoring import encode_questions, predict, score_options, sum_over_ranks
+
+__all__ = ["accuracy", "f1_scores", "main"]  # accuracy and f1_scores (metrics.py) are read from here by bench.py
+ICL_GEN_SHOTS = (1, 4)  # ProMoT's held-out few-shot evaluations
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: str | None = option(None, "Hugging Face Llama folder (config.json + safetensors); without it, a "
-                                          "random --model preset (smoke tests)")
-    model: str = option("tiny", f"preset when no --checkpoint: {', '.join(MODEL_PRESETS)}")
-    tokenizer: str | None = option(None, "sentencepiece tokenizer.model (default: the checkpoint's tokenizer.model; "
-                                         "for a random --model preset, <data-dir>/llama2-tokenizer/tokenizer.model)")
-    data_dir: str = option(str(DEFAULT_DATA_DIR), "data folder, laid out as ../shared/data")
-    tasks: str | None = option(None, "comma-separated, from: " + ", ".join(TASKS) + " (default: all; the icl "
-                                     "suite: " + ", ".join(ICL_TASKS) + ")")
-    suite: str = option("main", "main: each task at its default shots (mmlu-medical 5, medqa 0, classification "
-                                "5); icl: in-context-learning retention, each task at k = "
-                                + ", ".join(map(str, ICL_SHOTS)),
-                        choices=["main", "icl"])
-    shots: int | None = option(None, "demonstrations per prompt for every task (main suite)")
-    seed: int = option(1234, "demonstration sampling (and random --model weights)")
-    limit: int | None = option(None, "score only the first N questions of each task (of each MMLU subject)")
-    lora: str | None = option(None, "LoRA adapter .safetensors to apply (merged) on top of the model")
+    checkpoint: str | None = option(None, "a Hugging Face Llama folder (config.json + safetensors), e.g. cft.py's "
+                                          "<out>/final")
+    model: str | None = option(None, "a model by name: a preset (" + ", ".join(p for p in MODEL_PRESETS if p != "tiny")
+                                     + "), a Hugging Face repository id or a path, looked up in --model-dir, then "
+                                       "the Hugging Face cache; with --random-init, the preset whose shape to build "
+                                       "(default tiny)")
+    model_dir: str | None = option(None, "a folder of model folders, searched first for --model")
+    random_init: bool = option(False, "random weights of the --model preset's shape (benchmarks, smoke tests); "
+                                      "needs --tokenizer")
+    tokenizer: str | None = option(None, "tokenizer.model / tokenizer.json (default: the model folder's)")
+    adapter: str | None = option(None, "a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), "
+                                       "merged into the weights before evaluating")
     soft_prompt: str | None = option(None, "soft prompt .safetensors (tensor 'soft_prompt', (n, dim)) placed before "
-                                           "BOS, as cft.py's ProMoT trains it (it writes "
-                                           "<out>/final/soft_prompt.safetensors)")
+                                           "BOS, as cft.py's ProMoT trains it (<out>/final/soft_prompt.safetensors)")
+    data_dir: str = option(str(DEFAULT_DATA_DIR), "data folder, laid out as ../shared/data")
+    tasks: str | None = option(None, "comma-separated, from: " + ", ".join(TASKS) + " (default: all; the icl suites: "
+                                     + ", ".join(ICL_TASKS) + ")")
+    suite: str = option("main", "main: each task at its default shots (mmlu-medical 5, medqa 0, finance 5); icl: "
+                                "retention by log-likelihood at k = " + ", ".join(map(str, ICL_SHOTS)) + "; icl-gen: "
+                                "retention by greedy generation (exact match) at k = "
+                                + ", ".join(map(str, ICL_GEN_SHOTS)), choices=["main", "icl", "icl-gen"])
+    shots: int | None = option(None, "demonstrations per prompt for every task (main suite)")
+    seed: int = option(1234, "demonstrations, --limit subsets, bootstrap standard errors (and random weights)")
+    limit: int | None = option(None, "score only N questions of each task (of each MMLU subject)")
+    limit_mode: str = option("random", "how --limit picks: random (seeded; class-stratified for the finance tasks) "
+                                       "or first (the first N in the file)", choices=list(LIMIT_MODES))
+    scoring: str = option("generate", "the finance tasks in the main suite: generate (FinBen: greedy answer, label "
+                                      "match, missing = wrong) or loglik (the likeliest label)",
+                          choices=["generate", "loglik"])
+    gen_tokens: int = option(8, "most tokens generated per answer (generate scoring, icl-gen)")
+    leak_labels: str | None = option(None, "icl-gen: comma-separated labels of the fine-tuning task (e.g. "
+                                           "\"True,False\"); the leak rate is the share of answers that are one "
+                                           "of them")
     batch_tokens: int | None = option(None, "padded tokens per batch (default 16384 on GPU, 2048 on CPU)")
     precision: str | None = option(None, "the weights' dtype (default bf16 on GPU, fp32 on CPU)",
                                    choices=list(PRECISIONS))
-    name: str | None = option(None, "row label in tables (default: the checkpoint folder name or the preset)")
-    out: str | None = option(None, "write the results JSON here (refuses to overwrite an existing file)")
-    compare: list[str] | None = option(None, "print the side-by-side table of result files, with deltas against "
-                                             "the first, and exit", nargs="+", metavar="JSON")
+    device: str | None = option(None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
+    memory_check: bool = option(True, "refuse, before loading, a model that does not fit the device's memory")
+    progress: bool = option(True, "progress bars on stderr")
+    name: str | None = option(None, "row label in tables (default: the model folder or preset name)")
+    out: str | None = option(None, "write the results JSON here (a new file; claimed at start)")
+    log_samples: bool = option(False, "with --out: one samples_<task>.jsonl per task in <out>_samples/ (each "
+                                      "question's prompt, options, log-likelihoods or generation, prediction)")
+    compare: list[str] | None = option(None, "print the paper's tables of result files and each one's deltas against "
+                                             "the first, with standard errors, and exit", nargs="+", metavar="JSON")
+    compare_out: str | None = option(None, "with --compare: also write the comparison as CSV here")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Metrics (scikit-learn's definitions, hand-written; tests check them on worked examples)
+# The model: real weights by name or folder (or random ones), a PEFT adapter, a soft prompt
 
 
-def accuracy(golds, preds) -> float:
-    return sum(g == p for g, p in zip(golds, preds)) / len(golds)
-
-
-def f1_scores(golds, preds) -> tuple[float, float]:
-    """(weighted F1, macro F1) as sklearn.metrics.f1_score(average="weighted" / "macro"): per-class
-    F1 = 2TP / (2TP + FP + FN) over the classes present in golds or preds (a class never predicted scores 0);
-    macro = plain mean; weighted = mean weighted by each class's support in golds."""
-    labels = sorted(set(golds) | set(preds))
-    f1, support = [], []
-    for label in labels:
-        tp = sum(g == label and p == label for g, p in zip(golds, preds))
-        fp = sum(g != label and p == label for g, p in zip(golds, preds))
-        fn = sum(g == label and p != label for g, p in zip(golds, preds))
-        f1.append(2 * tp / (2 * tp + fp + fn))
-        support.append(sum(g == label for g in golds))
-    weighted = sum(f * s for f, s in zip(f1, support)) / sum(support)
-    return weighted, sum(f1) / len(f1)
-
-
-def task_result(task: str, questions: list[EncodedQuestion], scores, shots: int) -> dict:
-    golds, preds = [q.gold for q in questions], predict(scores)
-    result = {"accuracy": accuracy(golds, preds), "n": len(questions), "shots": shots}
-    if task in CLASSIFICATION:
-        result["weighted_f1"], result["macro_f1"] = f1_scores(golds, preds)
-    if task == "mmlu-medical":  # per subject; the task accuracy above is the size-weighted mean
-        result["subjects"] = {}
-        for subject in MMLU_SUBJECTS:
-            idx = [i for i, q in enumerate(questions) if q.group == subject]
-            if idx:
-                result["subjects"][subject] = {"accuracy": accuracy([golds[i] for i in idx], [preds[i] for i in idx]),
-                                               "n": len(idx)}
-    result["predictions"] = preds  # option index per question, in data-file order (for paired tests across models)
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Tables: rows = models/methods, columns = tasks, average (as in the paper); --compare adds the deltas
-
-SHORT_NAMES = {"anatomy": "Anatomy", "clinical_knowledge": "Clinical Knowledge", "college_biology": "College Bio",
-               "college_medicine": "College Med", "medical_genetics": "Medical Genetics",
-               "professional_medicine": "Prof. Medicine", "medqa": "MedQA", "fiqa-sa": "FiQA-SA (wF1)",
-               "causal20": "Causal20 (wF1)", "multifin": "MultiFin (wF1)"}
-
-
-def table_columns(result: dict) -> dict:
-    """{column: score in %}: MMLU by subject, MedQA accuracy, weighted F1 (FinBen's metric) for classification.
-    ICL entries ("fiqa-sa k=4") keep their k."""
-    columns = {}
-    for name, r in result["tasks"].items():
-        task, _, k = name.partition(" ")
-        suffix = f" {k}" if k else ""
-        if task == "mmlu-medical":
-            for subject, s in r["subjects"].items():
-                columns[SHORT_NAMES[subject] + suffix] = 100 * s["accuracy"]
-        else:
-            columns[SHORT_NAMES.get(task, task) + suffix] = 100 * r.get("weighted_f1", r["accuracy"])
-    if columns:
-        columns["Average"] = sum(columns.values()) / len(columns)
-    return columns
-
-
-def format_score(value, sign="") -> str:
-    return "-" if value is None else f"{value:{sign}.1f}"
-
-
-def markdown_table(results: list[dict]) -> str:
-    """The paper's layout: one row per model/method, one column per task, then the average (scores in %)."""
-    rows = [(r.get("name", "model"), table_columns(r)) for r in results]
-    header = [c for c in dict.fromkeys(c for _, cols in rows for c in cols) if c != "Average"] + ["Average"]
-    lines = ["| model | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(format_score(cols.get(c)) for c in header) + " |" for name, cols in rows]
-    return "\n".join(lines)
-
-
-def comparison_table(results: list[dict]) -> str:
-    """Side by side: one row per task column, one column per result, then each result's delta against the first."""
-    names = [r.get("name", "model") for r in results]
-    columns = [table_columns(r) for r in results]
-    tasks = [c for c in dict.fromkeys(c for cols in columns for c in cols) if c != "Average"] + ["Average"]
-    deltas = [f"Δ {name} − {names[0]}" for name in names[1:]]
-    lines = ["| task | " + " | ".join(names + deltas) + " |", "|---" * (1 + len(names) + len(deltas)) + "|"]
-    for task in tasks:
-        values = [cols.get(task) for cols in columns]
-        diffs = [None if v is None or values[0] is None else v - values[0] for v in values[1:]]
-        cells = [format_score(v) for v in values] + [format_score(d, "+") for d in diffs]
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def compare_results(paths) -> str:
-    results = []
-    for path in paths:
-        try:
-            result = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such file (expected a result JSON written by evaluate.py --out)") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(result, dict) or not isinstance(result.get("tasks"), dict):
-            raise DataError(f"{path}: no 'tasks' object (expected a result JSON written by evaluate.py --out)")
-        result.setdefault("name", Path(path).stem)
-        results.append(result)
-    return markdown_table(results) + "\n\n" + comparison_table(results)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Models: a HF checkpoint or a random preset, plus the LoRA adapters / soft prompts that training scripts save
-
-
-def load_lora(model, path) -> None:
-    """Apply and merge a LoRA adapter file: safetensors holding `<module>.lora_a` (rank, in) and `<module>.lora_b`
-    (out, rank) for each adapted linear layer (names as the model's parameters, e.g.
-    layers.0.self_attn.q_proj.lora_a), with metadata {"rank", "alpha"}. Merged (W += alpha/rank * B A) for speed."""
-    from safetensors import SafetensorError, safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (expected a LoRA adapter .safetensors)")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except SafetensorError as e:
-        raise DataError(f"{path}: not a safetensors file ({e})") from None
-    if "rank" not in meta or "alpha" not in meta:
-        raise DataError(f"{path}: metadata needs 'rank' and 'alpha' (found {sorted(meta)})")
-    targets = sorted({key.rsplit(".", 2)[-2] for key in tensors if key.endswith((".lora_a", ".lora_b"))})
-    if not targets:
-        raise DataError(f"{path}: no '<module>.lora_a' / '<module>.lora_b' tensors")
-    apply_lora(model, rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(targets))
-    params = dict(model.named_parameters())
-    expected = {name for name in params if ".lora_" in name}
-    if set(tensors) != expected:
-        odd = sorted(set(tensors) ^ expected)[0]
-        raise DataError(f"{path}: tensor {odd} does not match the model's adapters ({len(expected)} expected)")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if value.shape != params[name].shape:
-                raise DataError(f"{path}: {name} has shape {tuple(value.shape)}, the model needs "
-                                f"{tuple(params[name].shape)}")
-            params[name].copy_(value)
-    merge_lora(model)
-    model.requires_grad_(False)
+def model_folder(cfg: EvalConfig, verbose: bool) -> Path | None:
+    """The Hugging Face folder to load (None for --random-init); prints which one a --model name resolved to."""
+    if cfg.random_init:
+        return None
+    if cfg.checkpoint:
+        return Path(cfg.checkpoint)
+    folder = resolve_model(cfg.model, cfg.model_dir)
+    if verbose:
+        print(f"model {cfg.model}: using {folder}", file=sys.stderr)
+    return folder
 
 
 def load_soft_prompt(path, dim: int) -> torch.Tensor:
@@ -237,118 +134,322 @@ def load_soft_prompt(path, dim: int) -> torch.Tensor:
     return tensors["soft_prompt"]
 
 
-def load_eval_model(cfg: EvalConfig, device, dtype) -> torch.nn.Module:
-    """The checkpoint (or a random preset), with the --lora adapter file merged in, frozen, in eval mode."""
-    if cfg.checkpoint:
-        model = load_pretrained(cfg.checkpoint, device, dtype)
+def load_eval_model(cfg: EvalConfig, folder: Path | None, model_cfg: ModelConfig, env: Dist) -> torch.nn.Module:
+    """The model (memory checked before allocating), with the --adapter merged in, frozen, in eval mode."""
+    dtype = PRECISIONS[cfg.precision]
+    if cfg.memory_check:
+        on_cpu = env.device.type != "cuda"
+        check_inference_memory(model_cfg, env.device, dtype, cfg.batch_tokens,
+                               processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if on_cpu else 1)
+    if folder is None:
+        model = create_model(model_cfg, env.device, dtype, seed=cfg.seed)
     else:
-        model = create_model(ModelConfig.from_name(cfg.model), device, dtype, seed=cfg.seed)
-    if cfg.lora:
-        load_lora(model, cfg.lora)
+        model = load_pretrained(folder, env.device, dtype)
+    if cfg.adapter:
+        load_peft_adapter(model, cfg.adapter, merge=True)
     return model.eval().requires_grad_(False)
 
 
-def load_eval_tokenizer(cfg: EvalConfig) -> Tokenizer:
-    """data.Tokenizer.resolve: --tokenizer, else the checkpoint's tokenizer.model. A random preset has no folder:
-    it borrows Llama-2's tokenizer from the data folder (smoke tests and the README's example run)."""
-    tokenizer = cfg.tokenizer
-    if not tokenizer and not cfg.checkpoint:
-        tokenizer = Path(cfg.data_dir) / "llama2-tokenizer" / "tokenizer.model"
-    return Tokenizer.resolve(tokenizer, cfg.checkpoint)
+def load_eval_tokenizer(cfg: EvalConfig, folder: Path | None) -> Tokenizer:
+    """data.Tokenizer.resolve: --tokenizer, else the model folder's (a random model has none: --tokenizer needed)."""
+    return Tokenizer.resolve(cfg.tokenizer, folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One run: a task at k shots, answered by log-likelihood ("loglik"), FinBen generation ("generate") or generation
+# read by exact match ("exact")
+
+
+@dataclass
+class Run:
+    task: str
+    shots: int
+    name: str       # the result's key: the task, or "<task> k=<k>" in the icl suites
+    mode: str       # loglik | generate | exact
+
+
+def suite_runs(cfg: EvalConfig, tasks: list[str]) -> list[Run]:
+    if cfg.suite == "icl":
+        return [Run(task, k, f"{task} k={k}", "loglik") for task in tasks for k in ICL_SHOTS]
+    if cfg.suite == "icl-gen":
+        return [Run(task, k, f"{task} k={k}", "exact") for task in tasks for k in ICL_GEN_SHOTS]
+    return [Run(task, DEFAULT_SHOTS[task] if cfg.shots is None else cfg.shots, task,
+                "generate" if task in CLASSIFICATION and cfg.scoring == "generate" else "loglik") for task in tasks]
+
+
+def loglik_summary(run: Run, questions, encoded, scores, seed: int) -> tuple[dict, list]:
+    """(summary, samples) of log-likelihood scores: accuracy (+ F1 over the gold labels for the finance tasks)."""
+    golds, preds = [q.gold for q in questions], predict(scores)
+    summary = rate_with_stderr([g == p for g, p in zip(golds, preds)], "accuracy")
+    if run.task in CLASSIFICATION:
+        summary |= f1_with_stderr(golds, preds, sorted(set(golds)), seed)
+    if run.task == "mmlu-medical":  # per subject; the task accuracy above is the size-weighted mean
+        summary["subjects"] = {}
+        for subject in MMLU_SUBJECTS:
+            idx = [i for i, q in enumerate(questions) if q.group == subject]
+            if idx:
+                summary["subjects"][subject] = rate_with_stderr([golds[i] == preds[i] for i in idx], "accuracy") | \
+                    {"n": len(idx)}
+    samples = [loglik_sample(q, e, s, p) for q, e, s, p in zip(questions, encoded, scores, preds)]
+    return summary | {"predictions": preds}, samples
+
+
+def generated_summary(run: Run, questions, outputs: list[str], seed: int, leak_labels) -> tuple[dict, list]:
+    """(summary, samples) of generated answers: FinBen's label match ("generate") or exact match ("exact")."""
+    golds = [q.gold for q in questions]
+    if run.mode == "generate":
+        preds = [finben_label(o, q.choices) for o, q in zip(outputs, questions)]
+        correct = [p == g for p, g in zip(preds, golds)]
+        summary = rate_with_stderr(correct, "accuracy") | rate_with_stderr([p == MISSING for p in preds], "missing")
+        summary |= f1_with_stderr(golds, preds, sorted(set(golds)), seed)
+        samples = [generated_sample(q, o, p, c) for q, o, p, c in zip(questions, outputs, preds, correct)]
+        return summary | {"predictions": preds}, samples
+    correct = [exact_match(o, q.choices[q.gold]) for o, q in zip(outputs, questions)]
+    preds = [next((i for i, c in enumerate(q.choices) if exact_match(o, c)), MISSING)
+             for o, q in zip(outputs, questions)]
+    summary = rate_with_stderr(correct, "exact_match")
+    leaks = [leaked(o, leak_labels) for o in outputs] if leak_labels else None
+    if leaks is not None:
+        summary |= rate_with_stderr(leaks, "leak_rate")
+    samples = [generated_sample(q, o, p, c, {"exact_match": c} | ({"leaked": leaks[i]} if leaks else {}))
+               for i, (q, o, p, c) in enumerate(zip(questions, outputs, preds, correct))]
+    return summary | {"predictions": preds}, samples
+
+
+def answer_run(cfg: EvalConfig, run: Run, questions, model, tok: Tokenizer, soft, env: Dist) -> tuple[dict, list]:
+    """Score or generate every question of one run (rank-split), then its summary and samples."""
+    encoded = encode_questions(tok, questions)
+    if run.mode == "loglik":
+        scores = score_options(model, encoded, batch_tokens=cfg.batch_tokens, soft_prompt=soft, rank=env.rank,
+                               world=env.world, desc=run.name, progress=cfg.progress,
+                               too_long_advice="fewer --shots would fit" if run.shots else "")
+        return loglik_summary(run, questions, encoded, sum_over_ranks(scores, env.world), cfg.seed)
+    answers = generate_answers(model, [e.context for e in encoded], [q.group for q in questions],
+                               max_new_tokens=cfg.gen_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                               batch_tokens=cfg.batch_tokens, soft_prompt=soft, rank=env.rank, world=env.world,
+                               desc=run.name, progress=cfg.progress)
+    outputs = [tok.decode(ids) for ids in gather_answers(answers, env.world)]
+    leak_labels = [x.strip() for x in cfg.leak_labels.split(",") if x.strip()] if cfg.leak_labels else None
+    return generated_summary(run, questions, outputs, cfg.seed, leak_labels)
+
+
+def run_config(cfg: EvalConfig, run: Run, subset: str) -> dict:
+    """The `configs` entry of a run: what lm-evaluation-harness records of a task, in this project's terms."""
+    generated = run.mode != "loglik"
+    metrics = {"loglik": ["acc"] + (["f1", "macro_f1"] if run.task in CLASSIFICATION else []),
+               "generate": ["acc", "missing", "f1", "macro_f1"],
+               "exact": ["exact_match"] + (["leak_rate"] if cfg.leak_labels else [])}[run.mode]
+    rule = {"loglik": "the option with the highest summed log-likelihood of ' ' + option after the prompt",
+            "generate": "FinBen: the first label (in doc_to_choice order) found in the lower-cased, stripped output; "
+                        "none = 'missing' (wrong); F1 over the gold labels",
+            "exact": "exact match of the answer's first line (stripped, final period dropped, lower-cased)"}[run.mode]
+    return {"task": run.name, "harness_task": HARNESS_NAMES[run.task], "dataset_path": cfg.data_dir,
+            "test_file": TEST_FILES[run.task], "description": PROMPT_TEMPLATES[run.task],
+            "doc_to_choice": list(task_labels(run.task)),
+            "target_delimiter": " ", "fewshot_delimiter": "\n\n", "num_fewshot": run.shots, "fewshot_seed": cfg.seed,
+            "add_bos": True, "output_type": "generate_until" if generated else "multiple_choice",
+            "answer_rule": rule, "subset": subset,
+            "generation_kwargs": {"until": [], "max_gen_toks": cfg.gen_tokens, "do_sample": False,
+                                  "eos": "the tokenizer's"} if generated else None,
+            "metric_list": [{"metric": m, "aggregation": "weighted f1" if m == "f1" else "macro f1" if m == "macro_f1"
+                             else "mean"} for m in metrics]}
+
+
+def prepare_runs(cfg: EvalConfig, tasks: list[str]) -> list[tuple[Run, int, list]]:
+    """[(run, test set size, the questions --limit keeps)]: every data file read (and checked) before any work."""
+    prepared = []
+    for run in suite_runs(cfg, tasks):
+        every = build_questions(run.task, cfg.data_dir, run.shots, cfg.seed,
+                                same_questions_at_every_k=cfg.suite != "main")
+        if not every:
+            raise DataError(f"{run.task}: the test file has no questions (see --data-dir)")
+        prepared.append((run, len(every), select_questions(every, cfg.limit, cfg.seed, cfg.limit_mode)))
+    return prepared
+
+
+def run_suite(cfg: EvalConfig, prepared, model, tok: Tokenizer, soft, env: Dist) -> tuple[dict, dict, dict, dict]:
+    """(summaries, samples, configs, test set sizes) of every run of the suite."""
+    summaries, samples, configs, sizes = {}, {}, {}, {}
+    for run, original, questions in prepared:
+        start = time.time()
+        subset = describe_subset(run.task, cfg.limit if len(questions) < original else None, cfg.limit_mode)
+        summary, samples[run.name] = answer_run(cfg, run, questions, model, tok, soft, env)
+        summaries[run.name] = {"task": run.task, "shots": run.shots, "n": len(questions), "subset": subset,
+                               "scoring": run.mode} | summary | {"seconds": round(time.time() - start, 2)}
+        configs[run.name], sizes[run.name] = run_config(cfg, run, subset), original
+        if env.is_main:
+            print_run(run, summaries[run.name], original)
+    return summaries, samples, configs, sizes
+
+
+def print_run(run: Run, s: dict, original: int) -> None:
+    parts = [f"{name} {s[key]:.4f}" + ("" if s.get(f"{key}_stderr") is None else f" ± {s[f'{key}_stderr']:.4f}")
+             for key, name in (("accuracy", "accuracy"), ("weighted_f1", "weighted F1"), ("macro_f1", "macro F1"),
+                               ("missing", "missing"), ("exact_match", "exact match"), ("leak_rate", "leak rate"))
+             if key in s]
+    subset = "" if s["subset"] == "all" else f" of {original}: {s['subset']}"
+    print(f"{run.name}: {', '.join(parts)} (n={s['n']}{subset}; {run.shots}-shot, {run.mode})", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # CLI
 
 
-def suite_runs(cfg: EvalConfig, tasks: list[str]) -> list[tuple[str, int, str]]:
-    """(task, shots, result name) of every run; the ICL suite names its entries "<task> k=<k>"."""
-    if cfg.suite == "icl":
-        return [(task, k, f"{task} k={k}") for task in tasks for k in ICL_SHOTS]
-    return [(task, DEFAULT_SHOTS[task] if cfg.shots is None else cfg.shots, task) for task in tasks]
-
-
-def run_suite(cfg: EvalConfig, tasks: list[str], model, tok: Tokenizer, env: Dist) -> dict:
-    """{"tasks": {name: result}}, one entry per suite_runs entry."""
-    soft = load_soft_prompt(cfg.soft_prompt, model.cfg.dim) if cfg.soft_prompt else None
-    results = {}
-    for task, shots, name in suite_runs(cfg, tasks):
-        start = time.time()
-        questions = encode_questions(tok, build_questions(task, cfg.data_dir, shots, cfg.seed, cfg.limit,
-                                                          same_questions_at_every_k=cfg.suite == "icl"))
-        if not questions:
-            raise DataError(f"{task}: the test file has no questions (see --data-dir)")
-        scores = score_options(model, questions, batch_tokens=cfg.batch_tokens, soft_prompt=soft, rank=env.rank,
-                               world=env.world, desc=name)
-        scores = sum_over_ranks(scores, env.world)
-        results[name] = task_result(task, questions, scores, shots) | {"seconds": round(time.time() - start, 2)}
-        if env.is_main:
-            r = results[name]
-            extra = f", weighted F1 {r['weighted_f1']:.4f}, macro F1 {r['macro_f1']:.4f}" if "macro_f1" in r else ""
-            print(f"{name}: accuracy {r['accuracy']:.4f} (n={r['n']}, {shots}-shot){extra}", file=sys.stderr)
-    return {"tasks": results}
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; the project's rule is one line
+        raise SystemExit(f"error: {message} (see --help)")
 
 
 def default_name(cfg: EvalConfig) -> str:
-    """The table label: the checkpoint folder (its parent for cft.py's <out>/final), else the preset."""
+    """The table label: the checkpoint folder (its parent for cft.py's <out>/final), else the model name."""
     if not cfg.checkpoint:
-        return cfg.model
+        return (cfg.model or "tiny") + (" (random)" if cfg.random_init else "")
     path = Path(cfg.checkpoint).resolve()
     return path.parent.name if path.name == "final" else path.name
 
 
+def samples_folder(out) -> Path:
+    return Path(out).with_name(Path(out).stem + "_samples")
+
+
+def check_model_flags(cfg: EvalConfig) -> None:
+    if cfg.checkpoint and (cfg.model or cfg.random_init):
+        raise DataError("--checkpoint names the model folder; leave out --model and --random-init")
+    if not (cfg.checkpoint or cfg.model or cfg.random_init):
+        raise DataError("no model: pass --model NAME (e.g. llama2-7b), --checkpoint DIR, or --random-init "
+                        "--model PRESET --tokenizer FILE for random weights")
+    if cfg.random_init and cfg.model and cfg.model not in MODEL_PRESETS:
+        raise DataError(f"--random-init --model {cfg.model}: not a preset; choose from {', '.join(MODEL_PRESETS)}")
+    if cfg.random_init and not cfg.tokenizer:
+        raise DataError("--random-init needs --tokenizer FILE (random weights come without a tokenizer)")
+
+
 def requested_tasks(cfg: EvalConfig) -> list[str]:
-    """--tasks as a list (default: every task of the suite); also checks the numeric flags and --out."""
+    """--tasks as a list (default: every task of the suite), after checking every flag (nothing has run yet)."""
+    check_model_flags(cfg)
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] if cfg.tasks else \
-        list(ICL_TASKS if cfg.suite == "icl" else TASKS)
+        list(ICL_TASKS if cfg.suite != "main" else TASKS)
     unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise DataError(f"--tasks: unknown task '{unknown[0]}'; choose from {', '.join(TASKS)}")
+    if unknown or not tasks:
+        raise DataError(f"--tasks: unknown task '{unknown[0] if unknown else cfg.tasks}'; choose from "
+                        f"{', '.join(TASKS)}")
     for flag, value, least in (("--limit", cfg.limit, 1), ("--shots", cfg.shots, 0),
-                               ("--batch-tokens", cfg.batch_tokens, 1)):
+                               ("--batch-tokens", cfg.batch_tokens, 1), ("--gen-tokens", cfg.gen_tokens, 1)):
         if value is not None and value < least:
             raise DataError(f"{flag} {value}: expected an integer >= {least}")
+    if cfg.leak_labels is not None and (cfg.suite != "icl-gen" or not cfg.leak_labels.strip(", ")):
+        raise DataError("--leak-labels: a comma-separated list of labels, with --suite icl-gen")
+    if cfg.shots is not None and cfg.suite != "main":
+        raise DataError(f"--shots: the {cfg.suite} suite sets its own k; leave --shots out")
+    if cfg.compare_out:
+        raise DataError("--compare-out goes with --compare")
+    if cfg.log_samples and not cfg.out:
+        raise DataError("--log-samples writes beside the results: pass --out FILE.json too")
     if cfg.out and Path(cfg.out).exists():
         raise DataError(f"--out {cfg.out} exists; refusing to overwrite it")
+    if cfg.log_samples:
+        check_new_path(samples_folder(cfg.out), "--log-samples")
     return tasks
 
 
-def evaluate_model(cfg: EvalConfig, tasks: list[str], env: Dist) -> dict:
-    """The result JSON of one model: settings, then every run of the suite."""
-    on_gpu = env.device.type == "cuda"
-    cfg = replace(cfg, precision=cfg.precision or default_precision(env.device),
-                  batch_tokens=cfg.batch_tokens or (16384 if on_gpu else 2048))
-    tok = load_eval_tokenizer(cfg)
-    model = load_eval_model(cfg, env.device, PRECISIONS[cfg.precision])
-    tok.check_vocab(model.cfg.vocab_size)
+def result_config(cfg: EvalConfig, folder: Path | None, tok: Tokenizer, env: Dist) -> dict:
+    """The `config` block of the result file: everything needed to rerun and to compare like with like."""
+    return {"checkpoint": str(folder) if folder else None, "model": cfg.model, "random_init": cfg.random_init,
+            "adapter": cfg.adapter, "soft_prompt": cfg.soft_prompt, "tokenizer": tok.path,
+            "precision": cfg.precision, "device": str(env.device), "world": env.world, "batch_tokens": cfg.batch_tokens,
+            "batch_size": "auto (length-sorted batches of --batch-tokens)", "max_gen_toks": cfg.gen_tokens,
+            "seed": cfg.seed, "data_dir": str(Path(cfg.data_dir).resolve()), "suite": cfg.suite,
+            "scoring": cfg.scoring, "limit": cfg.limit, "limit_mode": cfg.limit_mode,
+            "bootstrap_iters": BOOTSTRAP_SAMPLES, "git_commit": git_commit(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "flags": asdict(cfg)}
+
+
+@dataclass
+class Prepared:
+    """Everything checked before the run claims --out: settings, model folder and config, tokenizer, questions."""
+    cfg: EvalConfig
+    folder: Path | None
+    model_cfg: ModelConfig
+    tok: Tokenizer
+    soft_prompt: torch.Tensor | None
+    runs: list
+
+
+def prepare(cfg: EvalConfig, tasks: list[str]) -> Prepared:
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = replace(cfg, precision=cfg.precision or default_precision(device),
+                  model=cfg.model or ("tiny" if cfg.random_init else None),
+                  batch_tokens=cfg.batch_tokens or (16384 if device == "cuda" else 2048))
+    folder = model_folder(cfg, int(os.environ.get("RANK", 0)) == 0)
+    model_cfg = ModelConfig.from_name(cfg.model or "tiny") if folder is None else ModelConfig.from_hf(folder)
+    tok = load_eval_tokenizer(cfg, folder)
+    tok.check_vocab(model_cfg.vocab_size)
+    if cfg.adapter:
+        read_peft_config(cfg.adapter)
+    soft = load_soft_prompt(cfg.soft_prompt, model_cfg.dim) if cfg.soft_prompt else None
+    return Prepared(cfg, folder, model_cfg, tok, soft, prepare_runs(cfg, tasks))
+
+
+def evaluate_model(prep: Prepared, env: Dist) -> tuple[dict, dict]:
+    """(result document, samples per run) of one model."""
+    cfg, tok = prep.cfg, prep.tok
+    model = load_eval_model(cfg, prep.folder, prep.model_cfg, env)
+    if env.is_main and cfg.random_init:
+        print(f"model: {cfg.model or 'tiny'} shape, random weights (seed {cfg.seed}); tokenizer {tok.path}",
+              file=sys.stderr)
     start = time.time()
-    result = {"name": cfg.name or default_name(cfg),
-              "checkpoint": cfg.checkpoint, "lora": cfg.lora, "soft_prompt": cfg.soft_prompt,
-              "suite": cfg.suite, "seed": cfg.seed, "limit": cfg.limit, "precision": cfg.precision, "world": env.world}
-    result |= run_suite(cfg, tasks, model, tok, env)
-    result["seconds"] = round(time.time() - start, 2)
-    return result
+    summaries, samples, configs, sizes = run_suite(cfg, prep.runs, model, tok, prep.soft_prompt, env)
+    document = result_document(cfg.name or default_name(cfg), summaries, configs,
+                               result_config(cfg, prep.folder, tok, env), sizes)
+    document["seconds"] = round(time.time() - start, 2)
+    return document, samples
+
+
+def write_outputs(cfg: EvalConfig, claim, document: dict, samples: dict) -> None:
+    """The samples folder, then the result file (the result file last: it appears only when everything is there)."""
+    if cfg.log_samples:
+        write_samples(samples_folder(cfg.out), samples)
+    if claim:
+        try:
+            claim.write(json.dumps(document, indent=2) + "\n")
+        except BaseException:
+            shutil.rmtree(samples_folder(cfg.out), ignore_errors=True)
+            raise
+    for path in ([f"{samples_folder(cfg.out)}/"] if cfg.log_samples else []) + ([cfg.out] if claim else []):
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def run_compare(cfg: EvalConfig) -> None:
+    if cfg.compare_out:
+        check_new_path(Path(cfg.compare_out), "--compare-out")
+    table, results = compare_results(cfg.compare)
+    if cfg.compare_out:
+        with claimed_output(cfg.compare_out, "--compare-out") as claim:
+            claim.write(comparison_csv(results))
+    print(table)
+    if cfg.compare_out:
+        print(f"wrote {cfg.compare_out}", file=sys.stderr)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=DATA_LAYOUT,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n")[0], epilog=DATA_LAYOUT,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg = config_from_args(EvalConfig, add_config_flags(parser, EvalConfig).parse_args(argv))
     env, finished = None, False
     try:
         if cfg.compare:
-            print(compare_results(cfg.compare))
+            run_compare(cfg)
             return
-        tasks = requested_tasks(cfg)
-        env = setup_distributed(None)  # each rank holds the whole model and scores its share of the rows
-        result = evaluate_model(cfg, tasks, env)
-        if env.is_main:
-            print(markdown_table([result]))
-            if cfg.out:  # written whole and renamed into place: never a half-written result file
-                write_text(cfg.out, json.dumps(result, indent=2) + "\n")
-                print(f"wrote {cfg.out}", file=sys.stderr)
+        prep = prepare(cfg, requested_tasks(cfg))
+        main_rank = int(os.environ.get("RANK", 0)) == 0
+        with claimed_output(cfg.out if main_rank else None) as claim:  # fails now, not after the scoring
+            env = setup_distributed(cfg.device)  # each rank holds the whole model and answers its share of rows
+            document, samples = evaluate_model(prep, env)
+            if env.is_main:
+                print(markdown_table([document]))
+                write_outputs(prep.cfg, claim, document, samples)
         finished = True
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     finally:
         if env is not None:

@@ -157,10 +157,12 @@ def length_batches(rows: list[ScoringRow], batch_tokens: int) -> list[list[Scori
     return batches + [current] if current else batches
 
 
-def plan_batches(model, questions, batch_tokens: int, extra_prefix: int, detect_prefix: bool, rank: int, world: int):
+def plan_batches(model, questions, batch_tokens: int, extra_prefix: int, detect_prefix: bool, rank: int, world: int,
+                 too_long_advice: str = ""):
     """[(shared prefix tokens, batches of this rank's rows)] per group. Rows and prefix lengths are fixed before the
     rank split, so that every world size computes the same thing. extra_prefix: positions before every row (a soft
-    prompt, a given prefix_kv), for the length warning."""
+    prompt, a given prefix_kv), for the length warning; too_long_advice: what the warning suggests (e.g. fewer shots,
+    which only a caller with demonstrations can offer)."""
     groups = {}
     for i, q in enumerate(questions):
         groups.setdefault(q.group, []).append(i)
@@ -173,7 +175,8 @@ def plan_batches(model, questions, batch_tokens: int, extra_prefix: int, detect_
         longest = extra_prefix + skip + max(len(r.tokens) for r in rows)
         if longest > model.cfg.max_seq_len and rank == 0:  # as model.generate: rotary positions go on, quality may not
             print(f"warning: {questions[members[0]].group}: prompts of up to {longest} tokens, past the model's "
-                  f"max_seq_len {model.cfg.max_seq_len} (fewer --shots would fit)", file=sys.stderr)
+                  f"max_seq_len {model.cfg.max_seq_len}" + (f" ({too_long_advice})" if too_long_advice else ""),
+                  file=sys.stderr)
         rows = sorted(rows, key=lambda r: -len(r.tokens))[rank::world]
         plan.append((questions[members[0]].context[:skip], length_batches(rows, batch_tokens)))
     return plan
@@ -209,7 +212,7 @@ def batch_logprobs(model, batch: list[ScoringRow], prefix_kv, per_row_prefix: bo
 @torch.no_grad()
 def score_options(model, questions: list[EncodedQuestion], *, batch_tokens: int = 8192, prefix_kv=None,
                   soft_prompt=None, reduction: str = "sum", rank: int = 0, world: int = 1, desc: str = "scoring",
-                  progress: bool = True, per_row_prefix: bool = True) -> list[list[float]]:
+                  progress: bool = True, per_row_prefix: bool = True, too_long_advice: str = "") -> list[list[float]]:
     """The score of every option of every question: the same numbers as score_naive. model: a model.py Transformer.
 
     reduction, the option's summed log-likelihood divided by nothing or a length:
@@ -226,13 +229,14 @@ def score_options(model, questions: list[EncodedQuestion], *, batch_tokens: int 
     takes FlexAttention's folded path (prefix stored once); per row takes the plain block mask, and attention copies
     the prefix per row. bench.py eval times both: on one H100 (llama2-7b shapes) per row was as fast once compiled and
     compiled 2.5x sooner (MMLU + MedQA first pass 42 s against 118 s; BENCHMARKS.md), so it is the default here,
-    where no gradient needs the memory saving."""
+    where no gradient needs the memory saving.
+    too_long_advice: appended to the warning printed when prompts run past the model's max_seq_len."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
     if prefix_kv is not None and soft_prompt is not None:
         raise ValueError("score_options: pass a prefix_kv or a soft_prompt, not both (prefill the soft prompt)")
     extra = prefix_kv[0][0].shape[2] if prefix_kv is not None else 0 if soft_prompt is None else len(soft_prompt)
-    plan = plan_batches(model, questions, batch_tokens, extra, prefix_kv is None, rank, world)
+    plan = plan_batches(model, questions, batch_tokens, extra, prefix_kv is None, rank, world, too_long_advice)
     scores = [[0.0] * len(q.continuations) for q in questions]
     bar = tqdm(total=sum(len(b) for _, b in plan), desc=desc, disable=not progress or rank != 0)
     for prefix_tokens, batches in plan:

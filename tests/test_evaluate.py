@@ -1,15 +1,18 @@
-"""evaluate.py: sklearn-equal metrics, LoRA adapter and soft prompt files, tables and --compare, the CLI (bad inputs,
-end to end on a tiny random model, torchrun ranks). Prompts: test_benchmark_data.py; scoring: test_scoring.py."""
+"""evaluate.py: sklearn-equal metrics, PEFT adapters and soft prompt files, the paper's tables and --compare, the CLI
+(model resolution, end to end on a tiny random model, torchrun ranks). Result files and samples:
+test_evaluate_results.py; generation: test_evaluate_generation.py; bad inputs: test_evaluate_reliability.py."""
 import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import evaluate as ev
-from conftest import ROOT, needs_data, tiny_cfg, torchrun
-from lora import apply_lora
+from conftest import LLAMA_TOKENIZER, ROOT, needs_data, tiny_cfg, torchrun
+from hf_checkpoint import save_pretrained
+from lora import apply_lora, save_peft_adapter
 from model import create_model
+
+RANDOM_TINY = ["--random-init", "--tokenizer", str(LLAMA_TOKENIZER), "--no-progress"]
 
 
 def test_f1_matches_sklearn_on_worked_examples():
@@ -24,26 +27,29 @@ def test_f1_matches_sklearn_on_worked_examples():
     assert ev.accuracy([1, 2, 3, 4], [1, 2, 0, 0]) == 0.5
 
 
-def test_lora_adapter_file_is_applied(tmp_path):
+def test_peft_adapter_is_applied(tmp_path):
     cfg = tiny_cfg()
     adapted = apply_lora(create_model(cfg, seed=0), rank=4, alpha=8.0, targets=("q_proj", "v_proj")).eval()
     with torch.no_grad():
         for name, p in adapted.named_parameters():
             if name.endswith("lora_b"):
                 p.normal_(0, 0.1)
-    lora = {n: p.detach() for n, p in adapted.named_parameters() if ".lora_" in n}
-    save_file(lora, tmp_path / "adapter.safetensors", metadata={"rank": "4", "alpha": "8.0"})
-    model = create_model(cfg, seed=0).eval()
-    ev.load_lora(model, tmp_path / "adapter.safetensors")
+    save_peft_adapter(adapted, tmp_path / "adapter")
+    save_pretrained(create_model(cfg, seed=0), tmp_path / "base")
+    run_cfg = ev.EvalConfig(checkpoint=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"), precision="fp32",
+                            batch_tokens=64)
+    env = ev.Dist()
+    model = ev.load_eval_model(run_cfg, tmp_path / "base", cfg, env)
     tokens = torch.randint(0, cfg.vocab_size, (2, 12))
     assert torch.allclose(model(tokens), adapted(tokens), atol=1e-4)
-    save_file({k: v for k, v in list(lora.items())[1:]}, tmp_path / "partial.safetensors",
-              metadata={"rank": "4", "alpha": "8.0"})
-    with pytest.raises(ev.DataError, match="partial.safetensors: tensor layers.0"):
-        ev.load_lora(create_model(cfg, seed=0), tmp_path / "partial.safetensors")
+    # A partial adapter (one B matrix missing) and junk files are refused with their file named.
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(weights)
+    save_file({k: v for k, v in list(tensors.items())[1:]}, weights)
+    with pytest.raises(ValueError, match="adapter_model.safetensors: .*lora_A.weight is missing"):
+        ev.load_eval_model(run_cfg, tmp_path / "base", cfg, env)
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(ev.DataError, match="junk.safetensors: not a safetensors file"):
-        ev.load_lora(create_model(cfg, seed=0), tmp_path / "junk.safetensors")
     with pytest.raises(ev.DataError, match="junk.safetensors: not a safetensors file"):
         ev.load_soft_prompt(tmp_path / "junk.safetensors", cfg.dim)
 
@@ -60,38 +66,38 @@ def test_tables_and_compare_cli(tmp_path, capsys):
     (tmp_path / "b.json").write_text(json.dumps(result("cft", 0.6, 0.25, 0.3)))
     ev.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     out = capsys.readouterr().out
-    assert "| model | Anatomy | MedQA | FiQA-SA (wF1) | Average |" in out
-    assert "| base | 50.0 | 25.0 | 60.0 | 45.0 |" in out and "| cft | 60.0 | 25.0 | 30.0 | 38.3 |" in out
+    # The paper's blocks, each averaged over its own domain (medical: MMLU subjects + MedQA; finance: FiQA-SA ...);
+    # a block of one column has no average. Files without standard errors show none.
+    assert "| model | Anatomy | MedQA | Medical avg |" in out and "| model | FiQA-SA (wF1) |" in out
+    assert "| base | 50.0 | 25.0 | 37.5 |" in out and "| cft | 60.0 | 25.0 | 42.5 |" in out
+    assert "| base | 60.0 |" in out and "| cft | 30.0 |" in out
     assert "| task | base | cft | Δ cft − base |" in out
     assert "| Anatomy | 50.0 | 60.0 | +10.0 |" in out and "| FiQA-SA (wF1) | 60.0 | 30.0 | -30.0 |" in out
-    assert "| Average | 45.0 | 38.3 | -6.7 |" in out
+    assert "| Medical avg | 37.5 | 42.5 | +5.0 |" in out
+    assert "Average" not in out  # no average across domains
 
 
-def test_cli_bad_inputs_exit_with_one_clear_line(tmp_path):
-    (tmp_path / "bad.json").write_text("{}")
-    (tmp_path / "taken.json").write_text("{}")
-    cases = [(["--compare", str(tmp_path / "missing.json")], "missing.json: no such file"),
-             (["--compare", str(tmp_path / "bad.json")], "bad.json: no 'tasks' object"),
-             (["--tasks", "mmlu-medical,nope"], "unknown task 'nope'"),
-             (["--limit", "0"], "--limit 0: expected an integer >= 1"),
-             (["--out", str(tmp_path / "taken.json")], "taken.json exists; refusing to overwrite it"),
-             (["--tasks", "medqa", "--data-dir", str(tmp_path), "--tokenizer", str(tmp_path / "none.model")],
-              "none.model: no such file")]
-    for argv, expected in cases:
-        with pytest.raises(SystemExit) as e:
-            ev.main(argv)
-        assert str(e.value).startswith("error: ") and expected in str(e.value), argv
-    assert (tmp_path / "taken.json").read_text() == "{}"
+def test_model_name_resolves_through_model_dir_and_the_cache(tmp_path, tokenizer_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    save_pretrained(create_model(tiny_cfg(), seed=0), tmp_path / "models" / "Llama-2-7b-hf", tokenizer=tokenizer_path)
+    cfg = ev.EvalConfig(model="llama2-7b", model_dir=str(tmp_path / "models"))
+    assert ev.model_folder(cfg, verbose=True) == tmp_path / "models" / "Llama-2-7b-hf"
+    assert "model llama2-7b: using " in capsys.readouterr().err
+    tok = ev.load_eval_tokenizer(cfg, tmp_path / "models" / "Llama-2-7b-hf")  # the folder's own tokenizer
+    assert tok.vocab_size == 512
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", "llama2-7b", "--tasks", "medqa"])
+    assert str(e.value).startswith("error: model llama2-7b: not found in ") and "download" in str(e.value)
 
 
 @needs_data
 def test_cli_end_to_end_on_a_tiny_random_model(tmp_path):
     out = tmp_path / "r.json"
-    ev.main(["--tasks", "mmlu-medical,fiqa-sa", "--shots", "0", "--limit", "1", "--out", str(out)])
+    ev.main(RANDOM_TINY + ["--tasks", "mmlu-medical,fiqa-sa", "--shots", "0", "--limit", "1", "--out", str(out)])
     r = json.loads(out.read_text())
     assert r["tasks"]["mmlu-medical"]["n"] == 6 and len(r["tasks"]["mmlu-medical"]["subjects"]) == 6
     assert set(r["tasks"]["fiqa-sa"]) >= {"accuracy", "weighted_f1", "macro_f1", "n"}
-    ev.main(["--suite", "icl", "--tasks", "fiqa-sa", "--limit", "1", "--out", str(tmp_path / "icl.json")])
+    ev.main(RANDOM_TINY + ["--suite", "icl", "--tasks", "fiqa-sa", "--limit", "1", "--out", str(tmp_path / "icl.json")])
     icl = json.loads((tmp_path / "icl.json").read_text())["tasks"]
     assert list(icl) == ["fiqa-sa k=0", "fiqa-sa k=1", "fiqa-sa k=4", "fiqa-sa k=8"]
     assert [icl[k]["shots"] for k in icl] == [0, 1, 4, 8] and all(icl[k]["n"] == 1 for k in icl)
@@ -99,11 +105,13 @@ def test_cli_end_to_end_on_a_tiny_random_model(tmp_path):
 
 @needs_data
 def test_torchrun_ranks_give_the_single_process_predictions(tmp_path):
-    argv = ["--tasks", "medqa,fiqa-sa", "--shots", "1", "--limit", "3"]
+    # Both ways of answering: medqa by log-likelihood, fiqa-sa by FinBen generation (the finance default).
+    argv = RANDOM_TINY + ["--tasks", "medqa,fiqa-sa", "--shots", "1", "--limit", "3"]
     ev.main(argv + ["--out", str(tmp_path / "one.json")])
     torchrun(ROOT / "evaluate.py", argv + ["--out", str(tmp_path / "two.json")], cwd=tmp_path)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
-    assert two["world"] == 2
+    assert two["config"]["world"] == 2
     for task in ("medqa", "fiqa-sa"):
         assert two["tasks"][task]["predictions"] == one["tasks"][task]["predictions"]
         assert two["tasks"][task]["n"] == 3
+    assert (one["tasks"]["medqa"]["scoring"], one["tasks"]["fiqa-sa"]["scoring"]) == ("loglik", "generate")

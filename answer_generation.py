@@ -1,0 +1,97 @@
+"""Answers by greedy generation, and how a generated answer is read: FinBen's label match.
+
+FinBen (and PIXIU before it) scores its classification tasks generatively: the model continues the prompt greedily,
+and the answer is the first label, in the task's label order, found anywhere in the lower-cased, stripped output;
+an output holding no label is "missing" and counts as wrong (The-FinAI/PIXIU, src/tasks/flare.py,
+Classification.process_results: `for choice in doc["choices"]: if choice.lower() in ini_result: ...`, else
+"missing"; its weighted F1 is sklearn's f1_score(golds, preds, average="weighted", labels=set(golds))). FinBen
+generates until end of text; here at most `max_new_tokens` tokens (a label is a few tokens), which finds the same
+label unless a model writes more than that before it.
+
+generate_answers batches the prompts with model.py's `generate` (greedy, KV cache, left padding): a group's token
+prefix (the few-shot demonstrations) is prefilled once and shared by its rows; rows are sorted by length and cut into
+batches of about `batch_tokens` cached positions; torchrun ranks split the rows (gather_answers joins them).
+"""
+import sys
+
+import torch
+from tqdm import tqdm
+
+from model import generate
+from scoring import MIN_SHARED_PREFIX, group_prefix, shared_prefix_len
+
+MISSING = -1  # the prediction of an output in which no label was found
+
+
+def finben_label(output: str, labels) -> int:
+    """Index of the label FinBen reads in a generated answer, MISSING when there is none (see the module doc)."""
+    text = output.strip().lower()
+    return next((i for i, label in enumerate(labels) if label.lower() in text), MISSING)
+
+
+def generation_batches(lengths: list[int], rows: list[int], max_new_tokens: int, batch_tokens: int) -> list[list[int]]:
+    """Rows (indices into lengths), longest first, cut so that rows x (longest + max_new_tokens) <= batch_tokens."""
+    rows = sorted(rows, key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in rows:
+        if current and (len(current) + 1) * (lengths[current[0]] + max_new_tokens) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def group_plan(prompts: list[list[int]], groups: list[str], rank: int, world: int):
+    """[(shared prefix tokens, this rank's row indices)] per group. Rows are split after sorting by length (longest
+    first, every world-th), so the ranks get similar work and every world size generates the same answers."""
+    members = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    plan = []
+    for rows in members.values():
+        skip = shared_prefix_len([prompts[i] for i in rows])
+        skip = skip if skip >= MIN_SHARED_PREFIX else 0
+        mine = sorted(rows, key=lambda i: -len(prompts[i]))[rank::world]
+        plan.append((prompts[rows[0]][:skip], mine))
+    return plan
+
+
+@torch.no_grad()
+def generate_answers(model, prompts: list[list[int]], groups: list[str], *, max_new_tokens: int, eos_id: int,
+                     pad_id: int = 0, batch_tokens: int = 8192, soft_prompt=None, rank: int = 0, world: int = 1,
+                     desc: str = "generating", progress: bool = True) -> list[list[int] | None]:
+    """The greedy continuation (token ids, cut before eos_id) of each prompt ([BOS] + text); with world > 1 only this
+    rank's rows are filled (the others None): join with gather_answers. Prompts of one group that share a prefix of at
+    least MIN_SHARED_PREFIX tokens have it prefilled once. soft_prompt (n, dim): vectors before every prompt, as
+    scoring.score_options places them (cft.py's ProMoT layout)."""
+    answers = [None] * len(prompts)
+    plan = group_plan(prompts, groups, rank, world)
+    longest = max(len(p) for p in prompts) + max_new_tokens + (0 if soft_prompt is None else len(soft_prompt))
+    if longest > model.cfg.max_seq_len and rank == 0:
+        print(f"warning: {desc}: prompts and answers of up to {longest} tokens, past the model's max_seq_len "
+              f"{model.cfg.max_seq_len}", file=sys.stderr)
+    bar = tqdm(total=sum(len(rows) for _, rows in plan), desc=desc, disable=not progress or rank != 0)
+    for prefix, rows in plan:
+        prefix_kv = group_prefix(model, prefix, soft_prompt)
+        rests = {i: prompts[i][len(prefix):] for i in rows}
+        lengths = {i: len(prefix) + len(rest) for i, rest in rests.items()}
+        for batch in generation_batches(lengths, rows, max_new_tokens, batch_tokens):
+            kv = prefix_kv
+            if kv is not None and len(batch) > 1:  # a view per row: the plain (not folded) attention path on CUDA
+                kv = [(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in kv]
+            outputs = generate(model, [rests[i] for i in batch], max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                               prefix_kv=kv)
+            for i, output in zip(batch, outputs):
+                answers[i] = output
+            bar.update(len(batch))
+    bar.close()
+    return answers
+
+
+def gather_answers(answers: list, world: int) -> list:
+    """Every rank filled its own rows (the others None): the complete list on every rank."""
+    if world == 1:
+        return answers
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, answers)
+    return [next(part[i] for part in gathered if part[i] is not None) for i in range(len(answers))]
