@@ -300,7 +300,8 @@ def bench_eval(argv):
                                      "only where scored) vs transformers' LlamaForCausalLM scoring the same prompts "
                                      "naively (batch 1, one question per forward with its options read at the last "
                                      "position, full prompt, full logits); same random weights, same tokens")
-    parser.add_argument("--tiny", action="store_true", help="the tiny preset instead of llama2-7b (CPU smoke test)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny preset instead of llama2-7b, 3 questions per "
+                        "subject and task unless --limit (CPU smoke test, well under a minute)")
     parser.add_argument("--data-dir", default=str(benchmark_data.DEFAULT_DATA_DIR),
                         help="laid out as ../shared/data: mmlu-medical/, medqa-usmle-4opt/, llama2-tokenizer/")
     parser.add_argument("--limit", type=int, help="first N questions of each MMLU subject and of MedQA")
@@ -313,6 +314,8 @@ def bench_eval(argv):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     preset = "tiny" if args.tiny else "llama2-7b"
+    if args.tiny and args.limit is None:
+        args.limit = 3
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; torch {torch.__version__}; "
           f"transformers {transformers.__version__}; {preset} shapes, random weights, {str(dtype)[6:]}")
 
