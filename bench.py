@@ -508,7 +508,12 @@ def bench_train(argv):
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         return tokens_per_step * args.steps / seconds, peak
 
-    def ours(compile_blocks: bool):
+    def ours(compile_blocks: bool, overlap: bool = True):
+        if not overlap:  # the same loop with FSDP2's default scheduling, for a same-run comparison
+            import functools
+
+            import distributed
+            cft.parallelize = functools.partial(distributed.parallelize, overlap=False)
         cfg = cft.CFTConfig(batch_size=args.micro_batch_size * env.world, micro_batch_size=args.micro_batch_size,
                          seq_len=args.seq_len, lr=1e-5, compile=compile_blocks, precision="bf16" if cuda else "fp32")
         lm = cft.build_language_model(cfg, model_cfg, env, 0)
@@ -521,8 +526,12 @@ def bench_train(argv):
             cft.train_step(lm, optimizer, rows, index, n_targets, cfg, env, params)
         result = measure(step)
         if args.profile and cuda:
-            profiles[f"compiled={compile_blocks}"] = kernel_breakdown(lambda: [step(s) for s in range(2)])
+            profiles[f"compiled={compile_blocks}, overlap={overlap}"] = kernel_breakdown(
+                lambda: [step(s) for s in range(2)])
         del lm, optimizer, params
+        if not overlap:
+            import distributed
+            cft.parallelize = distributed.parallelize
         return result
 
     def transformers_llama():
@@ -565,6 +574,8 @@ def bench_train(argv):
     cases = [("cft.py loop, eager", lambda: ours(False))]
     if cuda:
         cases.append(("cft.py loop, torch.compile per block + fused loss", lambda: ours(True)))
+    if cuda and env.world > 1:
+        cases.append(("the same, FSDP2 default scheduling (no explicit prefetch)", lambda: ours(True, overlap=False)))
     if not args.skip_transformers:
         cases.append(("transformers LlamaForCausalLM", transformers_llama))
     results = {}
