@@ -107,3 +107,33 @@ def test_malformed_rows_name_the_file_and_line(tmp_path):
     (causal / "fnp2020-fincausal-task1_trial_8628.csv").write_text("Index; Text; Gold\n0001; a; 0\n0002; b; 2\n")
     with pytest.raises(bd.DataError, match=r"trial_8628.csv:3: Gold '2' is not 0 or 1"):
         bd.build_questions("causal20", tmp_path, shots=0)
+
+
+def test_stratified_subset_keeps_the_class_shares():
+    golds = [0] * 76 + [1] * 18 + [2] * 141  # FiQA-SA's test classes (Negative, Neutral, Positive)
+    # 40 x (76, 18, 141) / 235 = (12.94, 3.06, 24.0): floors 12, 3, 24, the last one to the largest remainder
+    assert bd.stratified_quota({0: 76, 1: 18, 2: 141}, 40) == {0: 13, 1: 3, 2: 24}
+    keep = bd.subset_indices(golds, 40, 7, "random", stratified=True)
+    assert [sum(golds[i] == c for i in keep) for c in (0, 1, 2)] == [13, 3, 24] and keep == sorted(keep)
+    assert keep == bd.subset_indices(golds, 40, 7, "random", stratified=True)  # seeded
+    assert keep != bd.subset_indices(golds, 40, 8, "random", stratified=True)
+    assert bd.subset_indices(golds, 40, 7, "first") == list(range(40))
+    assert len(set(bd.subset_indices(golds, 10, 7, "random"))) == 10
+    assert bd.subset_indices(golds, 500, 7, "random") == list(range(235))
+    assert sum(bd.stratified_quota({"a": 1, "b": 1, "c": 1}, 2).values()) == 2
+    with pytest.raises(bd.DataError, match="--limit-mode 'last'"):
+        bd.subset_indices(golds, 4, 0, "last")
+
+
+@needs_data
+def test_limit_draws_the_same_stratified_questions_at_every_k():
+    first = bd.build_questions("fiqa-sa", SHARED_DATA, shots=0, limit=40)  # the old behaviour: all Negative
+    assert {q.gold for q in first} == {0}
+    picks = [bd.build_questions("fiqa-sa", SHARED_DATA, shots=k, limit=40, limit_mode="random") for k in (0, 4)]
+    assert [q.doc_id for q in picks[0]] == [q.doc_id for q in picks[1]]
+    assert [sum(q.gold == c for q in picks[0]) for c in (0, 1, 2)] == [13, 3, 24]
+    mmlu = bd.build_questions("mmlu-medical", SHARED_DATA, shots=0, limit=3, limit_mode="random")
+    assert [q.group for q in mmlu] == [s for s in bd.MMLU_SUBJECTS for _ in range(3)]
+    assert bd.describe_subset("fiqa-sa", 40, "random") == \
+        "40 drawn at random (class-stratified, seeded; --limit-mode first for the first 40)"
+    assert bd.describe_subset("mmlu-medical", 3, "first") == "the first 3 per subject (--limit-mode first)"
