@@ -470,7 +470,9 @@ def bench_train(argv):
     parser.add_argument("--model", default="llama2-7b")
     parser.add_argument("--layers", type=int, default=8, help="blocks (0: the preset's)")
     parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per process per step")
+    parser.add_argument("--micro-batch-size", type=int, default=2, help="sequences per process per forward")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per process per optimiser step "
+                        "(real runs accumulate many: the paper's batch 128 is 64 on one GPU at micro-batch 2)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -486,11 +488,17 @@ def bench_train(argv):
         model_cfg = ModelConfig.from_name(args.model, **({"n_layers": args.layers} if args.layers else {}))
     model_cfg.max_seq_len = max(model_cfg.max_seq_len, args.seq_len)
     flops = model_cfg.flops_per_token(args.seq_len)
-    tokens_per_step = args.micro_batch_size * env.world * args.seq_len
+    rows_per_rank = args.micro_batch_size * args.grad_accum  # per optimiser step
+    tokens_per_step = rows_per_rank * env.world * args.seq_len
     rng = np.random.default_rng(0)
-    n_rows = args.micro_batch_size * env.world * (args.steps + args.warmup)
+    n_rows = rows_per_rank * env.world * (args.steps + args.warmup)
     rows = Rows(rng.integers(3, model_cfg.vocab_size, (n_rows, args.seq_len + 1)).astype(np.int32),
                 np.ones((n_rows, args.seq_len + 1), bool), None)
+
+    def rank_rows(s: int) -> np.ndarray:
+        """This process's rows of optimiser step s."""
+        first = (s * env.world + env.rank) * rows_per_rank
+        return np.arange(first, first + rows_per_rank)
 
     def measure(step) -> tuple[float, float]:
         """(tokens/s, peak GiB) over args.steps steps after args.warmup."""
@@ -514,16 +522,14 @@ def bench_train(argv):
 
             import distributed
             cft.parallelize = functools.partial(distributed.parallelize, overlap=False)
-        cfg = cft.CFTConfig(batch_size=args.micro_batch_size * env.world, micro_batch_size=args.micro_batch_size,
+        cfg = cft.CFTConfig(batch_size=rows_per_rank * env.world, micro_batch_size=args.micro_batch_size,
                          seq_len=args.seq_len, lr=1e-5, compile=compile_blocks, precision="bf16" if cuda else "fp32")
         lm = cft.build_language_model(cfg, model_cfg, env, 0)
         optimizer, params = cft.make_optimizer(lm, "model", cfg, env)
         n_targets = tokens_per_step
 
         def step(s):
-            index = np.arange(s * tokens_per_step // args.seq_len, (s + 1) * tokens_per_step // args.seq_len)
-            index = index[env.rank * args.micro_batch_size:(env.rank + 1) * args.micro_batch_size]
-            cft.train_step(lm, optimizer, rows, index, n_targets, cfg, env, params)
+            cft.train_step(lm, optimizer, rows, rank_rows(s), n_targets, cfg, env, params)
         result = measure(step)
         if args.profile and cuda:
             profiles[f"compiled={compile_blocks}, overlap={overlap}"] = kernel_breakdown(
@@ -557,12 +563,15 @@ def bench_train(argv):
                                       lr=1e-5, betas=(0.9, 0.95), fused=cuda)
 
         def step(s):
-            index = np.arange(s * tokens_per_step // args.seq_len, (s + 1) * tokens_per_step // args.seq_len)
-            index = index[env.rank * args.micro_batch_size:(env.rank + 1) * args.micro_batch_size]
-            tokens = torch.from_numpy(rows.tokens[index]).long().to(env.device)
-            with autocast:
-                loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1].clone(), use_cache=False).loss
-            loss.backward()
+            index = rank_rows(s)
+            for i in range(args.grad_accum):
+                if env.world > 1:  # reduce-scatter once, after the last micro-batch (as cft.train_step)
+                    model.set_requires_gradient_sync(i == args.grad_accum - 1)
+                part = index[i * args.micro_batch_size:(i + 1) * args.micro_batch_size]
+                tokens = torch.from_numpy(rows.tokens[part]).long().to(env.device)
+                with autocast:
+                    loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1].clone(), use_cache=False).loss
+                (loss / args.grad_accum).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -594,7 +603,7 @@ def bench_train(argv):
         device = torch.cuda.get_device_name() if cuda else "cpu"
         print(f"device: {env.world} x {device}; {model_cfg.n_layers} layers x {model_cfg.dim} "
               f"({model_cfg.num_params() / 1e9:.2f}B params), seq {args.seq_len}, micro-batch {args.micro_batch_size} "
-              f"per process, {'FSDP2' if env.world > 1 else 'single process'}, "
+              f"x {args.grad_accum} accumulated per process, {'FSDP2' if env.world > 1 else 'single process'}, "
               f"{'bf16 compute, fp32 master weights' if cuda else 'fp32'}; MFU = {flops / 1e9:.2f} GFLOP/token / "
               f"989 TFLOP/s per GPU; {args.steps} timed steps after {args.warmup}")
         print(table(table_rows, ["implementation", "tokens/s", "MFU", "peak GiB", "vs transformers"]))
