@@ -476,6 +476,7 @@ def bench_train(argv):
     parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--skip-eager", action="store_true", help="time only the compiled loop of ours (on CUDA)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile 2 steps of each of our cases: GPU time by kernel category")
     args = parser.parse_args(argv)
@@ -580,7 +581,7 @@ def bench_train(argv):
         return result
 
     profiles = {}
-    cases = [("cft.py loop, eager", lambda: ours(False))]
+    cases = [] if args.skip_eager and cuda else [("cft.py loop, eager", lambda: ours(False))]
     if cuda:
         cases.append(("cft.py loop, torch.compile per block + fused loss", lambda: ours(True)))
     if cuda and env.world > 1:
