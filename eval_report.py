@@ -35,8 +35,9 @@ METRICS = {"accuracy": ("acc", True), "weighted_f1": ("f1", True), "macro_f1": (
            "missing": ("missing", False), "exact_match": ("exact_match", True), "leak_rate": ("leak_rate", False)}
 SHORT_NAMES = {"anatomy": "Anatomy", "clinical_knowledge": "Clinical Knowledge", "college_biology": "College Bio",
                "college_medicine": "College Med", "medical_genetics": "Medical Genetics",
-               "professional_medicine": "Prof. Medicine", "medqa": "MedQA", "fiqa-sa": "FiQA-SA (wF1)",
-               "causal20": "Causal20 (wF1)", "multifin": "MultiFin (wF1)"}
+               "professional_medicine": "Prof. Medicine", "medqa": "MedQA", "fiqa-sa": "FiQA-SA",
+               "causal20": "Causal20", "multifin": "MultiFin"}
+METRIC_MARKS = {"weighted_f1": " (wF1)", "exact_match": " (EM)", "accuracy": "", "leak_rate": " leak"}
 DOMAINS = {"mmlu-medical": "Medical", "medqa": "Medical", "fiqa-sa": "Finance", "causal20": "Finance",
            "multifin": "Finance"}
 
@@ -161,7 +162,8 @@ def table_cells(result: dict) -> dict:
             for subject, sub in s["subjects"].items():
                 cells[SHORT_NAMES.get(subject, subject) + suffix] = percent(sub, "accuracy")
         else:
-            cells[SHORT_NAMES.get(task, task) + suffix] = percent(s, main_metric(s))
+            metric = main_metric(s)
+            cells[SHORT_NAMES.get(task, task) + METRIC_MARKS[metric] + suffix] = percent(s, metric)
         if "leak_rate" in s:
             blocks.setdefault(("Leak", suffix), {})[f"{SHORT_NAMES.get(task, task)}{suffix} leak"] = \
                 percent(s, "leak_rate")
@@ -256,13 +258,13 @@ def check_summary(path, name: str, s) -> None:
     where = f"{path}: tasks[{name!r}]"
     if not isinstance(s, dict):
         raise DataError(f"{where} is not an object (expected a result JSON written by evaluate.py --out)")
-    if not any(isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool) for k in METRICS):
-        raise DataError(f"{where} has no numeric {' / '.join(METRICS)} (expected a result JSON written by "
-                        f"evaluate.py --out)")
     for key, value in s.items():
         if (key in METRICS or key.endswith("_stderr")) and value is not None and \
                 (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise DataError(f"{where}: {key} is {value!r}, expected a number")
+    if not any(isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool) for k in METRICS):
+        raise DataError(f"{where} has no numeric {' / '.join(METRICS)} (expected a result JSON written by "
+                        f"evaluate.py --out)")
     subjects = s.get("subjects", {})
     if not isinstance(subjects, dict):
         raise DataError(f"{where}: subjects is not an object")

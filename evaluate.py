@@ -449,8 +449,9 @@ def main(argv=None):
                 print(markdown_table([document]))
                 write_outputs(prep.cfg, claim, document, samples)
         finished = True
-    except (DataError, ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+    except (DataError, ValueError, OSError) as e:  # one line; a data file's message adds the layout: see --help
+        first, *more = str(e).splitlines() or [type(e).__name__]
+        raise SystemExit(f"error: {first}" + (" (expected data layout: evaluate.py --help)" if more else ""))
     finally:
         if env is not None:
             shutdown_distributed(env, finished)

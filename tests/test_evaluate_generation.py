@@ -1,6 +1,8 @@
 """Answers by generation: FinBen's label match on worked examples, a forced-logits model whose generated labels,
 "missing" outputs and weighted F1 are known by hand, batched/cached/rank-split generation equal to one prompt at a
 time, and the icl-gen suite's exact match and format-leak rate."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,7 +10,7 @@ import torch.nn as nn
 import evaluate as ev
 from answer_generation import MISSING, finben_label, gather_answers, generate_answers
 from benchmark_data import CAUSAL20_LABELS, FIQA_LABELS, MULTIFIN_LABELS, Question
-from conftest import tiny_cfg
+from conftest import LLAMA_TOKENIZER, needs_data, tiny_cfg
 from data import Tokenizer
 from model import create_model, generate
 from scoring import MIN_SHARED_PREFIX, encode_questions
@@ -119,3 +121,20 @@ def test_icl_gen_exact_match_and_format_leak_rate():
     assert summary["predictions"] == [2, 0, MISSING, MISSING, MISSING]
     assert [s["leaked"] for s in samples] == [False, False, True, True, False]
     assert "leak_rate" not in ev.generated_summary(run, questions, outputs, seed=0, leak_labels=None)[0]
+
+
+@needs_data
+def test_icl_gen_suite_end_to_end(tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    ev.main(["--random-init", "--tokenizer", str(LLAMA_TOKENIZER), "--no-progress", "--suite", "icl-gen", "--tasks",
+             "medqa,fiqa-sa", "--limit", "2", "--gen-tokens", "2", "--leak-labels", "True,False", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert list(r["tasks"]) == ["medqa k=1", "medqa k=4", "fiqa-sa k=1", "fiqa-sa k=4"]
+    for name, s in r["tasks"].items():
+        assert s["n"] == 2 and s["scoring"] == "exact" and {"exact_match", "leak_rate"} <= set(s), name
+        assert {"exact_match,none", "leak_rate_stderr,none"} <= set(r["results"][name])
+        assert r["configs"][name]["output_type"] == "generate_until"
+    assert r["higher_is_better"]["medqa k=1"] == {"exact_match": True, "leak_rate": False}
+    table = capsys.readouterr().out
+    assert "| model | MedQA k=1 leak | FiQA-SA k=1 leak | Leak avg k=1 |" in table
+    assert "| model | MedQA (EM) k=4 |" in table and "| model | FiQA-SA (EM) k=4 |" in table
