@@ -4,91 +4,112 @@ Continued pre-training on domain text where each text x is preceded by a context
     L = - sum_k log P(x_k | c, x_<k)
 and its baselines: CPT (no prompt), NEG-CFT (prompts of the same form without learning guidance), auto-CFT (the model
 writes a prompt per document), each optionally mixed with instruction data (CFT+IFT, CPT+IFT) or general text, and
-ProMoT (a soft prompt trained first with the model frozen, then kept frozen while the model trains).
+ProMoT (promot.py: a soft prompt trained first with the model frozen, then kept frozen while the model trains).
 
-    python cft.py                                     # built-in fictional pharmacology: CFT beside CPT, ~1-2 min CPU
-    torchrun --nproc_per_node 8 cft.py --checkpoint llama2-7b-hf/ --data medtext/ --out runs/cft-7b \
+    torchrun --nproc_per_node 2 cft.py --model llama2-7b     # real weights: the fictional pharmacology, CFT beside CPT
+    torchrun --nproc_per_node 8 cft.py --model llama2-7b --data medtext/ --out runs/cft-7b \
         --seq-len 4096 --batch-size 128 --micro-batch-size 1 --lr 2e-5     # the paper's setting (1 epoch)
+    python cft.py                                  # random-init demo: a 0.9M-parameter model learns the fictional facts
 
-Read top to bottom: config -> model (FSDP2) -> data -> loss -> checkpoints -> training loop -> closed-book evaluation
--> auto-CFT prompts -> main. The loop is written out: no Trainer, accelerate or Lightning.
+Read top to bottom: config -> model (FSDP2) -> loss -> checkpoints -> training loop -> final model -> closed-book
+evaluation -> main. The rows each method trains on are built in method_data.py, the run folder (lock, resume checks,
+metrics) is run_folder.py. The loop is written out: no Trainer, accelerate or Lightning.
 """
 import argparse
 import contextlib
 import json
 import math
-import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import save_file
 from torch.distributed.fsdp import register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm import tqdm
 
 import data
-from atomic import commit_folder, staging_folder, write_text
+from atomic import commit_folder, staging_folder, staging_path, write_text
 from benchmark_data import Question
 from config_flags import add_config_flags, config_from_args, option
 from data import Rows, Tokenizer
 from distributed import Dist, full_tensor, parallelize, reshard, setup_distributed, shutdown_distributed
-from hf_checkpoint import load_weights, save_pretrained
-from lora import apply_lora, merge_lora
-from model import PRECISIONS, AttentionMask, ModelConfig, Transformer, create_model, default_precision, generate
-from pharmacology import builtin_domain
+from hf_checkpoint import MODEL_REPOS, checkpoint_dtype, load_weights, save_pretrained, write_tokenizer_files
+from lora import apply_lora, merge_lora, save_peft_adapter
+from method_data import TrainData, prepare_data
+from model import PRECISIONS, AttentionMask, ModelConfig, Transformer, create_model
+from promot import Selection, init_soft_prompt, select_every, set_soft_prompt, vocab_init_ids
+from run_folder import (append_metrics, check_config, check_data, check_demo_folder, checkpoint_progress,
+                        checkpoint_steps, claimed_folder, kill_point, latest_checkpoint, plan_start, read_metrics,
+                        read_result, rewrite_metrics, write_config)
+from run_inputs import DEMO_MODEL, Inputs, resolve_inputs
 from scoring import encode_questions, predict, score_options
-from training import NonFiniteState, load_training_state, lr_at, read_training_meta, save_training_state
+from training import NonFiniteState, load_training_state, lr_at, save_training_state
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config, and from it every flag (config_flags.py). Defaults are the paper's trainer prior (1 epoch, AdamW 2e-5, wd 0.1,
-# betas (0.9, 0.95), cosine with 5% warm-up, clip 1.0, global batch 128, sequence 4096).
-
-AUTO_CFT_INSTRUCTION = ("Given the following text, generate a contextual prompt that encourages a reader to focus on "
-                        "the main ideas and themes presented. The contextual prompt should be concise and help the "
-                        "reader engage deeply with the content.")
+# betas (0.9, 0.95), cosine with 5% warm-up, clip 1.0, global batch 128, sequence 4096); ProMoT's are its paper's.
 
 
 @dataclass
 class CFTConfig:
     method: str | None = option(None, "contextual prompts / none / negative prompts / model-written prompts (demo: "
                                       "cft and cpt)", choices=["cft", "cpt", "neg-cft", "auto-cft"])
-    model: str | None = option(None, "model.py preset for a randomly initialised model (e.g. tiny, llama2-7b)")
-    checkpoint: str | None = option(None, "Hugging Face Llama folder to start from")
-    tokenizer: str | None = option(None, "sentencepiece tokenizer.model (default: the checkpoint's; demo: its own)")
-    data: str | None = option(None, "domain corpus: .jsonl/.txt (gz ok) file or folder (default: built-in domain)")
+    model: str | None = option(None, "model name (llama2-7b, llama3.1-8b, ...: its Hugging Face weights, found in "
+                                     "--model-dir or the Hugging Face cache; never downloaded) or folder; with "
+                                     "--random-init a model.py preset")
+    model_dir: str | None = option(None, "folder of model folders where --model is looked up first")
+    random_init: bool = option(False, "random weights of the --model preset (benchmarks), not its real weights")
+    checkpoint: str | None = option(None, "Hugging Face Llama folder to start from (the same as --model FOLDER)")
+    tokenizer: str | None = option(None, "tokenizer.model / tokenizer.json (default: the model's; random-init demo: "
+                                         "its own)")
+    data: str | None = option(None, "domain corpus: .jsonl/.json/.txt (gz ok) file or folder (default: built-in)")
     text_field: str = option("text", "JSONL field holding the text")
     prompts: str | None = option(None, "your contextual prompts: JSON list or one per line")
     pack: bool = option(True, "pack short documents into rows (no attention across documents)")
     instruct_data: str | None = option(None, "instruction JSONL (prompt, response); loss on the response only")
     instruct_ratio: float = option(0.0, "fraction of rows that are instruction examples; 0 = a second stage")
-    general_data: str | None = option(None, "general text mixed in without prompts (protects in-context learning)")
+    general_data: str | None = option(None, "general text mixed in without prompts (a comparison arm)")
     general_ratio: float = option(0.1, "fraction of rows from --general-data")
-    heldout_fraction: float = option(0.01, "documents held out for the held-out loss")
-    out: str | None = option(None, "output folder (refused if it exists, unless --resume)")
+    heldout_fraction: float = option(0.01, "documents held out for the held-out loss (and --promot-select)")
+    out: str | None = option(None, "output folder (refused if it holds anything, unless --resume)")
     seq_len: int = option(4096, "tokens per row, prompt included")
     batch_size: int = option(128, "global batch in sequences per optimiser step")
     micro_batch_size: int = option(1, "sequences per forward/backward per process")
-    lr: float = option(2e-5, "peak learning rate")
+    lr: float = option(2e-5, "peak learning rate (ProMoT: of stage 2, the model)")
     weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
-    warmup: float = option(0.05, "warm-up as a fraction of all steps")
+    warmup: float = option(0.05, "warm-up as a fraction of all steps (of each stage)")
     epochs: int = option(1, "passes over the data")
-    max_steps: int | None = option(None, "optimiser steps (default: epochs over the data)")
+    max_steps: int | None = option(None, "optimiser steps (ProMoT: of stage 2; default: epochs over the data)")
     clip: float = option(1.0, "gradient-norm clip (0: none)")
-    lora_rank: int = option(0, "train LoRA adapters of this rank (0 = full fine-tuning)")
+    lora_rank: int = option(0, "train LoRA adapters of this rank (0 = full fine-tuning); final/ is a PEFT adapter")
     lora_alpha: float = option(16.0, "LoRA scale numerator (scale = alpha / rank)")
-    promot_prompt_steps: int = option(0, "ProMoT: first train a soft prompt this many steps with the model frozen")
-    promot_prompt_len: int = option(20, "ProMoT: soft prompt length")
-    promot_lr: float = option(1e-3, "ProMoT: the soft prompt's peak learning rate")
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch's input")
+    rslora: bool = option(False, "rank-stabilised LoRA scale alpha / sqrt(rank)")
+    merge_lora: bool = option(False, "final/: the merged full model instead of the PEFT adapter")
+    save_dtype: str | None = option(None, "dtype of final/'s weights (default: the source checkpoint's; random init: "
+                                          "fp32)", choices=list(PRECISIONS))
+    memory_check: bool = option(True, "refuse a run whose estimated memory exceeds the device's, before allocating")
+    promot_prompt_steps: int = option(0, "ProMoT stage 1: train a soft prompt this many steps, the model frozen "
+                                         "(paper: 5000)")
+    promot_prompt_len: int = option(100, "ProMoT: soft prompt length (paper: 100)")
+    promot_lr: float = option(1e-3, "ProMoT stage 1: the soft prompt's peak learning rate (AdamW)")
+    promot_init: str = option("vocab", "ProMoT: soft prompt from embeddings of tokens sampled from the 5,000 commonest "
+                                       "of the corpus (Lester et al.), or of a contextual prompt",
+                              choices=["vocab", "cft-prompt"])
+    promot_one_shot: bool = option(False, "ProMoT + 1-shot: a natural-language example of the target data between "
+                                          "the soft prompt and every input")
+    promot_select: bool = option(False, "keep each stage's best state by held-out target loss (ProMoT's checkpoint "
+                                        "selection; needs --heldout-fraction)")
+    promot_select_prompt_every: int = option(0, "stage-1 evaluation interval (0: a fifth of the stage, as 1000 of "
+                                                "5000)")
+    promot_select_model_every: int = option(0, "stage-2 evaluation interval (0: a tenth of the stage, as 100 of 1000)")
     save_every: int = option(0, "training-state checkpoint every N steps (0: none; the final model is always saved)")
     stop_after: int | None = option(None, "stop with a checkpoint after this step (schedule unchanged)")
-    resume: bool = option(False, "continue from the last checkpoint in --out")
+    resume: bool = option(False, "continue the run in --out where it stopped (a demo: each method)")
     eval_every: int = option(0, "held-out loss every N steps (0: only at the end)")
     seed: int = option(0, "seed of the initialisation, data order and held-out split")
     device: str | None = option(None, "cpu | cuda (default: cuda when available)")
@@ -103,21 +124,27 @@ class CFTConfig:
     progress: bool = option(True, "progress bars")
 
 
-# The built-in demo learns the fictional facts in about a minute on 2 CPU cores: its values for flags not given.
-DEMO_MODEL = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=352, max_seq_len=512)
+# The built-in demo without real weights: run_inputs.DEMO_MODEL learns the fictional facts in about a minute on 2 CPU
+# cores. With real weights (the experiment to run): the paper's learning rate, full fine-tuning, 10 passes over the
+# 144 documents at 8 rows of 256 tokens (new facts need repeated exposures before a model recalls them closed-book).
 DEMO_CFT_CONFIG = CFTConfig(seq_len=256, batch_size=8, micro_batch_size=4, lr=5e-3, max_steps=150, heldout_fraction=0.0)
+DEMO_PRETRAINED_CONFIG = CFTConfig(seq_len=256, batch_size=8, micro_batch_size=4, lr=2e-5, epochs=10,
+                                   heldout_fraction=0.0)
 
 
 def parse_cft_args(argv=None) -> CFTConfig:
     demo_values = {k: v for k, v in asdict(DEMO_CFT_CONFIG).items() if v != getattr(CFTConfig(), k)}
+    pretrained = {k: v for k, v in asdict(DEMO_PRETRAINED_CONFIG).items() if v != getattr(CFTConfig(), k)}
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Without --data: the built-in "
-                                     f"fictional pharmacology, CFT and CPT side by side: {demo_values}, {DEMO_MODEL}.")
+                                     f"fictional pharmacology, CFT and CPT side by side; real weights: {pretrained}; "
+                                     f"random init: {demo_values}, {DEMO_MODEL}.")
     add_config_flags(parser, CFTConfig)
     args = parser.parse_args(argv)
     if getattr(args, "data", None) is not None:
         return config_from_args(CFTConfig, args)
-    base = DEMO_CFT_CONFIG
-    if getattr(args, "epochs", 1) != 1:  # the demo's step count stands for its one epoch; asked for epochs, count them
+    real = getattr(args, "checkpoint", None) or (getattr(args, "model", None) and not getattr(args, "random_init", 0))
+    base = DEMO_PRETRAINED_CONFIG if real else DEMO_CFT_CONFIG
+    if not real and getattr(args, "epochs", 1) != 1:  # the demo's steps stand for its one epoch; epochs asked: count
         base = replace(base, max_steps=None)
     return config_from_args(CFTConfig, args, base=base)
 
@@ -159,22 +186,9 @@ class LanguageModel(nn.Module):
         return self.model.logits(hidden) if targets is None else self.token_loss(hidden, targets)
 
     def score_questions(self, encoded: list, reduction: str) -> list[list[float]]:
-        """scoring.score_options on the Transformer, every question on this rank. Registered with FSDP2 as a forward
-        of the root (build_language_model): scoring calls the blocks directly, but needs the root's parameters."""
+        """scoring.score_options on the Transformer alone (held-out questions: never the soft prompt), every question
+        on this rank. Registered with FSDP2 as a forward of the root: it calls the blocks, but needs the root's."""
         return score_options(self.model, encoded, reduction=reduction, rank=0, world=1, progress=False)
-
-
-def init_soft_prompt(lm: LanguageModel, tokenizer: Tokenizer, text: str):
-    """ProMoT/prompt-tuning init: the embeddings of a real text's tokens (cycled), which trains more stably than noise.
-    Under FSDP both tables are sharded DTensors: gather the embedding rows, then shard the values like the prompt."""
-    ids = torch.tensor(tokenizer.encode(text))
-    ids = ids[torch.arange(len(lm.soft_prompt)) % len(ids)]
-    with torch.no_grad():
-        table = full_tensor(lm.model.embed_tokens.weight)
-        values = table[ids.to(table.device)].float()
-        if isinstance(lm.soft_prompt, DTensor):
-            values = distribute_tensor(values, lm.soft_prompt.device_mesh, lm.soft_prompt.placements)
-        lm.soft_prompt.copy_(values)
 
 
 def build_language_model(cfg: CFTConfig, model_cfg: ModelConfig, env: Dist, soft_prompt_len: int) -> LanguageModel:
@@ -202,13 +216,22 @@ def build_language_model(cfg: CFTConfig, model_cfg: ModelConfig, env: Dist, soft
         if cfg.checkpoint:
             load_weights(transformer, cfg.checkpoint)
         if lora:
-            apply_lora(transformer, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+            apply_lora(transformer, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                       rslora=cfg.rslora)
         lm = wrap(LanguageModel(transformer, soft_prompt_len, cfg.compile).to(build_device))
     register_fsdp_forward_method(lm, "score_questions")  # a no-op without FSDP
     if soft_prompt_len:
         with torch.no_grad():
-            lm.soft_prompt.zero_()  # real values set by init_soft_prompt
+            lm.soft_prompt.zero_()  # real values set by init_prompt
     return lm
+
+
+def init_prompt(lm: LanguageModel, tokenizer: Tokenizer, train_data: TrainData, cfg: CFTConfig) -> None:
+    """The soft prompt's first values (promot.py): sampled vocabulary embeddings, or a contextual prompt's."""
+    if cfg.promot_init == "cft-prompt":
+        init_soft_prompt(lm, tokenizer, data.CONTEXTUAL_PROMPTS["Focus on Key Concepts"])
+    else:
+        set_soft_prompt(lm, vocab_init_ids(train_data.docs, len(lm.soft_prompt), cfg.seed))
 
 
 def mixed_precision(cfg: CFTConfig, env: Dist):
@@ -216,86 +239,6 @@ def mixed_precision(cfg: CFTConfig, env: Dist):
     if cfg.precision != "fp32" and env.world == 1:
         return torch.autocast(env.device.type, dtype=PRECISIONS[cfg.precision])
     return contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: corpus -> token ids (cached) -> rows with the method's prompts. Every rank builds the same rows (seeded), and
-# the sampler gives each rank its share of every global batch.
-
-
-@dataclass
-class TrainData:
-    rows: Rows
-    segments: list[int]  # row counts of the stages (domain [+ instruction second stage])
-    heldout: Rows | None
-
-
-def method_prompts(method: str, tokenizer: Tokenizer, prompts_file: str | None) -> list[list[int]]:
-    if method == "cpt":
-        return [[]]
-    if method == "neg-cft":
-        return [tokenizer.encode(t) for t in data.NEGATIVE_PROMPTS]
-    texts = data.load_prompts(prompts_file) if prompts_file else list(data.CONTEXTUAL_PROMPTS.values())
-    return [tokenizer.encode(t) for t in texts]
-
-
-def tokenize_documents(texts, tokenizer, cfg: CFTConfig, env: Dist):
-    """Token ids of texts; on a single rank first so the cache is filled once and the other ranks read it."""
-    if env.is_main:
-        tokens = data.tokenize_texts(texts, tokenizer.path, cfg.cache_dir, cfg.workers, cfg.progress)
-    env.barrier()
-    if not env.is_main:
-        tokens = data.tokenize_texts(texts, tokenizer.path, cfg.cache_dir, cfg.workers, progress=False)
-    return tokens
-
-
-def prepare_data(cfg: CFTConfig, method: str, texts: list[str], tokenizer: Tokenizer, lm: LanguageModel | None,
-                 env: Dist, n_soft: int) -> TrainData:
-    docs = tokenize_documents(texts, tokenizer, cfg, env)
-    # Held-out documents: a seeded choice, never trained on; their loss is measured with the method's own prompts.
-    n_heldout = int(len(docs) * cfg.heldout_fraction)
-    order = np.random.default_rng([cfg.seed, 7]).permutation(len(docs))
-    heldout_ids, train_ids = order[:n_heldout], np.sort(order[n_heldout:])
-    prompts = method_prompts("cft" if method == "auto-cft" else method, tokenizer, cfg.prompts)
-    doc_prompts = auto_prompts(lm, tokenizer, texts, cfg, env) if method == "auto-cft" else None
-    common = dict(seq_len=cfg.seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                  pack=cfg.pack, n_soft=n_soft)
-    pick = lambda ids, xs: None if xs is None else [xs[i] for i in ids]
-    try:
-        rows = data.domain_rows([docs[i] for i in train_ids], prompts, seed=cfg.seed,
-                                doc_prompts=pick(train_ids, doc_prompts), **common)
-        heldout = data.domain_rows([docs[i] for i in heldout_ids], prompts, seed=cfg.seed + 1,
-                                   doc_prompts=pick(heldout_ids, doc_prompts), **common) if n_heldout else None
-    except ValueError as e:
-        fail(str(e))
-    if cfg.general_data:
-        general = tokenize_documents(data.read_corpus(cfg.general_data, cfg.text_field)[0], tokenizer, cfg, env)
-        general_rows = data.domain_rows(general, [[]], seed=cfg.seed + 2, **common)
-        rows = data.mix_rows(rows, general_rows, cfg.general_ratio, cfg.seed)
-    segments = [len(rows)]
-    if cfg.instruct_data:
-        instruct = instruction_rows(cfg, tokenizer, env, n_soft)
-        if cfg.instruct_ratio > 0:
-            rows = data.mix_rows(rows, instruct, cfg.instruct_ratio, cfg.seed + 3)
-            segments = [len(rows)]
-        else:  # second stage: all instruction rows after the domain rows
-            rows = Rows.concat([rows, instruct])
-            segments = [segments[0], len(instruct)]
-    return TrainData(rows, segments, heldout)
-
-
-def instruction_rows(cfg: CFTConfig, tokenizer: Tokenizer, env: Dist, n_soft: int) -> Rows:
-    """--instruct-data as rows: loss on the response only; examples longer than a row are skipped (with a warning)."""
-    pairs = data.read_instructions(cfg.instruct_data)
-    examples = [data.instruction_example(tokenizer.encode(p), tokenizer.encode(r), tokenizer.bos_id,
-                                         tokenizer.eos_id, n_soft) for p, r in pairs]
-    fits = [e for e in examples if len(e.tokens) <= cfg.seq_len + 1]
-    if len(fits) < len(examples) and env.is_main:
-        print(f"warning: {cfg.instruct_data}: skipped {len(examples) - len(fits)} instruction examples longer "
-              f"than --seq-len {cfg.seq_len}", file=sys.stderr)
-    if not fits:
-        fail(f"{cfg.instruct_data}: no instruction example fits --seq-len {cfg.seq_len}")
-    return data.make_rows(fits, cfg.seq_len + 1, tokenizer.pad_id, cfg.pack)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -330,12 +273,14 @@ def train_step(lm, optimizer, rows: Rows, index: np.ndarray, n_targets: int, cfg
 
 
 @torch.no_grad()
-def heldout_loss(lm, rows: Rows, cfg: CFTConfig, env: Dist) -> float:
-    """Mean token loss of the held-out rows; rank r takes rows r, r + world, ... FSDP needs the same number of forwards
-    on every rank, so shorter lists are padded with copies of row 0 without targets (-100): no loss, no tokens."""
+def heldout_loss(lm, rows: Rows, cfg: CFTConfig, env: Dist, limit: int | None = None) -> float:
+    """Mean token loss of the held-out rows (or their first `limit`); rank r takes rows r, r + world, ... FSDP needs
+    the same number of forwards on every rank, so shorter lists are padded with copies of row 0 without targets
+    (-100): no loss, no tokens."""
     lm.eval()
-    mine = np.arange(env.rank, len(rows), env.world)
-    per_rank = math.ceil(len(rows) / env.world)
+    n = len(rows) if limit is None else min(limit, len(rows))
+    mine = np.arange(env.rank, n, env.world)
+    per_rank = math.ceil(n / env.world)
     padded = np.concatenate([mine, np.zeros(per_rank - len(mine), dtype=mine.dtype)])
     total, count = 0.0, 0
     for start in range(0, per_rank, cfg.micro_batch_size):
@@ -371,129 +316,219 @@ def make_optimizer(lm: LanguageModel, stage: str, cfg: CFTConfig, env: Dist):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: training.py's training state in DIR/checkpoints/step-N (whole or absent); then the older one goes.
+# Checkpoints: training.py's training state in DIR/checkpoints/step-N (whole or absent, never pickle); then the older
+# one goes. A checkpoint is written only of a state that trains on: its weights are finite and give a finite loss.
 
 
-def save_checkpoint(out: Path, step: int, stage: str, lm, optimizer, env: Dist):
+@dataclass
+class LoopState:
+    step: int
+    stage: str  # "prompt" (ProMoT stage 1) or "model"
+    optimizer: torch.optim.Optimizer
+    params: list
+    records: list[dict]
+    selection: Selection | None  # --promot-select
+
+
+def save_checkpoint(out: Path, step: int, state: LoopState, lm, train_data: TrainData, index, cfg: CFTConfig,
+                    env: Dist):
     step_dir = out / "checkpoints" / f"step-{step}"
+    last = latest_checkpoint(out) or "none (lower --lr and start a new --out)"
+    probe = heldout_loss(lm, train_data.rows.take(index), cfg, env, limit=cfg.micro_batch_size)
+    if not math.isfinite(probe):  # finite weights can still be past saving (|w| ~ 1e30): the next step would NaN
+        fail(f"loss is {probe} with the weights after step {step}: not saving them as a checkpoint; stopping "
+             f"(last good checkpoint: {last})")
+    meta = {"step": step, "stage": state.stage, "data": train_data.info}
+    if state.selection is not None:
+        meta["selection"] = state.selection.best
+    kill_point("checkpoint-begin")
     try:
-        save_training_state(step_dir, lm, optimizer, {"step": step, "stage": stage}, env)
+        save_training_state(step_dir, lm, state.optimizer, meta, env)
     except NonFiniteState as e:
-        fail(f"step {step}: not saving a checkpoint, {e} (last good checkpoint: {latest_checkpoint(out) or 'none'})")
+        fail(f"step {step}: not saving a checkpoint, {e} (last good checkpoint: {last})")
+    except OSError as e:  # a full disk: the half-written staging folder goes, the last checkpoint stays
+        if env.is_main:
+            shutil.rmtree(staging_path(step_dir), ignore_errors=True)
+        fail(f"step {step}: could not write the checkpoint {step_dir} ({e.strerror or e}); nothing of it was kept "
+             f"(last good checkpoint: {last}); free space and --resume")
+    kill_point("checkpoint-written")
     if env.is_main:
-        for old in step_dir.parent.glob("step-*"):
+        for _, old in checkpoint_steps(out):
             if old != step_dir:
                 shutil.rmtree(old)
+                kill_point("checkpoint-rotated")
+    if state.selection is not None:
+        state.selection.checkpointed(env)
     env.barrier()
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
+def start_or_resume(lm: LanguageModel, cfg: CFTConfig, env: Dist, out: Path, train_data: TrainData,
+                    ckpt: Path | None) -> LoopState:
+    """Step 0, or `ckpt` in its saved stage (at the ProMoT boundary: the prompt stage's optimiser, then the loop
+    switches as an unbroken run). Refuses a checkpoint of other training data."""
+    try:
+        prompt_stage = "prompt" if cfg.promot_prompt_steps else "model"
+        progress = checkpoint_progress(ckpt) if ckpt else {"step": 0, "stage": prompt_stage}
+        if ckpt is not None:
+            check_data(progress, train_data.info, ckpt)
+        optimizer, params = make_optimizer(lm, progress["stage"], cfg, env)
+        if ckpt is not None:
+            load_training_state(ckpt, lm, optimizer, env)
+        records = [r for r in read_metrics(out) if r.get("step", 0) <= progress["step"]] if ckpt else []
+    except ValueError as e:
+        fail(str(e) if str(e).startswith("--resume") else f"--resume: {e}")
+    best = progress.get("selection")
+    selection = Selection(out, best, best) if cfg.promot_select else None
+    if env.is_main:
+        if ckpt is not None:
+            print(f"resumed from {ckpt} at step {progress['step']}")
+        rewrite_metrics(out, records)
+    return LoopState(progress["step"], progress["stage"], optimizer, params, records, selection)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The training loop. Steps are numbered over both ProMoT stages: steps [0, promot_prompt_steps) train the soft prompt,
-# the rest the model; each stage has its own optimiser and schedule.
+# the rest the model; each stage has its own optimiser, learning rate and schedule (and, with --promot-select, keeps
+# its best state on held-out target data).
 
 
 def train_language_model(lm: LanguageModel, train_data: TrainData, cfg: CFTConfig, env: Dist, out: Path,
-                         label: str = "") -> list[dict]:
+                         label: str = "", resume_from: Path | None = None) -> list[dict]:
     """Train (ProMoT stage 1, then the model), with checkpoints and metrics. Returns the metrics records."""
     sampler = data.GlobalBatchSampler(train_data.segments, cfg.batch_size, cfg.seed)
     steps_per_epoch = len(sampler)
-    prompt_steps, model_steps = cfg.promot_prompt_steps, cfg.max_steps or cfg.epochs * steps_per_epoch
+    prompt_steps = cfg.promot_prompt_steps
+    model_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     total = prompt_steps + model_steps
-    start, stage, optimizer, params, records = start_or_resume(lm, cfg, env, out, prompt_steps)
-    bar = tqdm(total=total, initial=start, desc=label or "train", disable=not (env.is_main and cfg.progress),
+    state = start_or_resume(lm, cfg, env, out, train_data, resume_from)
+    bar = tqdm(total=total, initial=state.step, desc=label or "train", disable=not (env.is_main and cfg.progress),
                dynamic_ncols=True)
     order_epoch, order = None, None
     flops_per_token, tic = lm.cfg.flops_per_token(cfg.seq_len), time.perf_counter()
-    for step in range(start, total):
-        if step == prompt_steps and stage == "prompt":  # ProMoT stage 2: the soft prompt freezes, the model trains
-            stage = "model"
-            optimizer, params = make_optimizer(lm, stage, cfg, env)
-        stage_step, stage_total = (step, prompt_steps) if stage == "prompt" else (step - prompt_steps, model_steps)
+    for step in range(state.step, total):
+        if step == prompt_steps and state.stage == "prompt":  # ProMoT stage 2: the prompt freezes, the model trains
+            end_stage(lm, state, env)
+            state.stage = "model"
+            state.optimizer, state.params = make_optimizer(lm, state.stage, cfg, env)
+        stage_step, stage_total = (step, prompt_steps) if state.stage == "prompt" else (step - prompt_steps,
+                                                                                         model_steps)
         epoch, in_epoch = divmod(stage_step, steps_per_epoch)
         if epoch != order_epoch:
             sampler.set_epoch(epoch)
             order, order_epoch = sampler.order(), epoch
         n_targets = int(train_data.rows.loss[sampler.batch(in_epoch, order=order), 1:].sum())
         index = sampler.batch(in_epoch, env.rank, env.world, order=order)
-        lr = lr_at(stage_step, cfg.promot_lr if stage == "prompt" else cfg.lr, max(1, round(cfg.warmup * stage_total)),
-                   stage_total)
-        for group in optimizer.param_groups:
+        lr = lr_at(stage_step, cfg.promot_lr if state.stage == "prompt" else cfg.lr,
+                   max(1, round(cfg.warmup * stage_total)), stage_total)
+        for group in state.optimizer.param_groups:
             group["lr"] = lr
-        loss, grad_norm = train_step(lm, optimizer, train_data.rows, index, max(n_targets, 1), cfg, env, params)
-        if not math.isfinite(loss):
-            last = latest_checkpoint(out) or "none"
-            fail(f"loss is {loss} at step {step + 1}; stopping (last good checkpoint: {last})")
+        loss, grad_norm = train_step(lm, state.optimizer, train_data.rows, index, max(n_targets, 1), cfg, env,
+                                     state.params)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+            fail(f"{what} at step {step + 1}; stopping (last good checkpoint: {latest_checkpoint(out) or 'none'}; "
+                 f"lower --lr and start a new --out)")
         tokens_per_s, tic = cfg.batch_size * cfg.seq_len / (time.perf_counter() - tic), time.perf_counter()
-        record = dict(step=step + 1, stage=stage, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                      mfu=tokens_per_s * flops_per_token / (cfg.peak_tflops * 1e12 * env.world))  # MFU per device
-        done = step + 1 == total
-        if train_data.heldout is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            record["heldout_loss"] = heldout_loss(lm, train_data.heldout, cfg, env)
-        records.append(record)
-        if env.is_main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            mfu=f"{record['mfu']:.1%}", refresh=False)
-            bar.update()
-        stopping = cfg.stop_after is not None and step + 1 == cfg.stop_after
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0 and not done) or stopping:
-            save_checkpoint(out, step + 1, stage, lm, optimizer, env)
-        if stopping:
-            break
+        mfu = tokens_per_s * flops_per_token / (cfg.peak_tflops * 1e12 * env.world)  # per device
+        record = dict(step=step + 1, stage=state.stage, loss=loss, lr=lr, grad_norm=grad_norm,
+                      tokens_per_s=tokens_per_s, mfu=mfu)
+        if env.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+        if after_step(lm, state, record, train_data, cfg, env, out, index, (stage_step, stage_total, total)):
+            bar.close()
+            return state.records  # stopped (--stop-after) with a checkpoint
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.1%}",
+                        refresh=False)
     bar.close()
-    return records
+    end_stage(lm, state, env)  # the last stage's best state (--promot-select), e.g. stage 1 alone (prompt tuning)
+    return state.records
 
 
-def start_or_resume(lm: LanguageModel, cfg: CFTConfig, env: Dist, out: Path, prompt_steps: int):
-    """(first step, stage, optimiser, its parameters, metrics so far): step 0, or --resume's last checkpoint in its
-    saved stage (at the ProMoT boundary: the prompt stage's optimiser, then the loop switches as an unbroken run)."""
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    try:
-        progress = read_training_meta(ckpt) if ckpt else {"step": 0, "stage": "prompt" if prompt_steps else "model"}
-        optimizer, params = make_optimizer(lm, progress["stage"], cfg, env)
-        if ckpt is not None:
-            load_training_state(ckpt, lm, optimizer, env)
-    except ValueError as e:
-        fail(f"--resume: {e}")
-    records = [r for r in read_metrics(out) if r["step"] <= progress["step"]] if ckpt else []
+def after_step(lm, state: LoopState, record: dict, train_data: TrainData, cfg: CFTConfig, env: Dist, out: Path,
+               index, steps: tuple[int, int, int]) -> bool:
+    """Held-out loss, selection, metrics and checkpoint after a step; whether the run stops here (--stop-after)."""
+    stage_step, stage_total, total = steps
+    done = record["step"] == total
+    if train_data.heldout is not None and (done or (cfg.eval_every and record["step"] % cfg.eval_every == 0)):
+        record["heldout_loss"] = heldout_loss(lm, train_data.heldout, cfg, env)
+    every = select_every(state.stage, stage_total, cfg.promot_select_prompt_every, cfg.promot_select_model_every)
+    if state.selection is not None and (stage_step + 1 == stage_total or (stage_step + 1) % every == 0):
+        if "heldout_loss" not in record:
+            record["heldout_loss"] = heldout_loss(lm, train_data.heldout, cfg, env)
+        record["selected"] = state.selection.consider(lm, state.stage, record["step"], record["heldout_loss"], env)
+    state.records.append(record)
     if env.is_main:
-        if ckpt is not None:
-            print(f"resumed from {ckpt} at step {progress['step']}")
-        write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    return progress["step"], progress["stage"], optimizer, params, records
+        append_metrics(out, record)
+    stopping = cfg.stop_after is not None and record["step"] == cfg.stop_after
+    if (cfg.save_every and record["step"] % cfg.save_every == 0 and not done) or stopping:
+        save_checkpoint(out, record["step"], state, lm, train_data, index, cfg, env)
+    return stopping
 
 
-def read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [record for _, record in data.read_jsonl(path)] if path.is_file() else []
+def end_stage(lm: LanguageModel, state: LoopState, env: Dist) -> None:
+    """A stage is over: with --promot-select its best state replaces the last one (promot.Selection)."""
+    if state.selection is None:
+        return
+    best = state.selection.restore(lm, state.stage, env)
+    if best is not None and env.is_main:
+        print(f"{state.stage} stage: keeping the state of step {best['step']} (held-out loss {best['loss']:.4f})")
 
 
-def save_final(lm: LanguageModel, tokenizer: Tokenizer, out: Path, env: Dist, source: str | None):
-    """DIR/final: a Hugging Face folder with the tokenizer's files (+ soft_prompt.safetensors for ProMoT), written into
-    a staging folder and renamed when complete. Every rank takes part (FSDP gathers each tensor); rank 0 writes.
-    source: the checkpoint trained from, whose generation_config.json is kept."""
-    if any("lora_" in name for name, _ in lm.model.named_parameters()):
-        merge_lora(lm.model)  # the HF layout has no adapters: fold them into the weights
+# ----------------------------------------------------------------------------------------------------------------------
+# The final model: DIR/final is a Hugging Face folder (weights in the source checkpoint's dtype, tokenizer files) or,
+# with --lora-rank, a PEFT adapter folder (--merge-lora: the merged full model); ProMoT adds soft_prompt.safetensors,
+# and result.json the accuracies. All of it is written into a staging folder and renamed once.
+
+
+def save_final(lm: LanguageModel, tokenizer: Tokenizer, out: Path, env: Dist, cfg: CFTConfig, result: dict):
+    """Every rank takes part (FSDP gathers each tensor); rank 0 writes."""
     final = out / "final"
     staged = staging_folder(final) if env.is_main else final  # other ranks only gather; they write nothing
-    save_pretrained(lm.model, staged, tokenizer=tokenizer, source=source)
-    soft = None if lm.soft_prompt is None else full_tensor(lm.soft_prompt)  # gathered by every rank
-    if env.is_main:
-        if soft is not None:
-            save_file({"soft_prompt": soft.detach().float().cpu().contiguous()}, staged / "soft_prompt.safetensors")
-        commit_folder(final)
+    try:
+        if cfg.lora_rank and not cfg.merge_lora:
+            save_peft_adapter(lm.model, staged, base_model_name_or_path=base_model_id(cfg))
+            if env.is_main:
+                write_tokenizer_files(staged, tokenizer.path, lm.cfg.max_seq_len)
+        else:
+            if cfg.lora_rank:
+                merge_lora(lm.model)  # the HF layout has no adapters: fold them into the weights
+            save_pretrained(lm.model, staged, final_dtype(cfg), tokenizer=tokenizer, source=cfg.checkpoint)
+        kill_point("final-weights")
+        soft = None if lm.soft_prompt is None else full_tensor(lm.soft_prompt)  # gathered by every rank
+        if env.is_main:
+            if soft is not None:
+                save_file({"soft_prompt": soft.detach().float().cpu().contiguous()}, staged / "soft_prompt.safetensors")
+            write_text(staged / "result.json", json.dumps(result, indent=1))
+            kill_point("final-staged")
+            commit_folder(final)
+    except OSError as e:
+        if env.is_main:
+            shutil.rmtree(staging_path(final), ignore_errors=True)
+        fail(f"could not write {final} ({e.strerror or e}); free space and --resume (training restarts from the "
+             f"last checkpoint: {latest_checkpoint(out) or 'none'})")
     env.barrier()
+    kill_point("final-committed")
+
+
+def final_dtype(cfg: CFTConfig) -> torch.dtype | None:
+    """--save-dtype, else the source checkpoint's (bf16 in, bf16 out), else the trained fp32 weights'."""
+    if cfg.save_dtype:
+        return PRECISIONS[cfg.save_dtype]
+    return checkpoint_dtype(cfg.checkpoint) if cfg.checkpoint else None
+
+
+def base_model_id(cfg: CFTConfig) -> str | None:
+    """adapter_config.json's base model: the Hugging Face repository of a --model name, else the folder."""
+    if cfg.model and not cfg.random_init and cfg.model in MODEL_REPOS:
+        return MODEL_REPOS[cfg.model]
+    return cfg.checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Closed-book multiple-choice accuracy, scored as lm-evaluation-harness's acc_norm (scoring.py, reduction "chars"):
-# the option whose continuation of the cloze stem has the highest log-likelihood per character wins.
+# the option whose continuation of the cloze stem has the highest log-likelihood per character wins. The questions
+# are a held-out task: scored without the soft prompt (ProMoT removes it for everything but the target format).
 
 
 @torch.no_grad()
@@ -510,154 +545,91 @@ def mcq_accuracy(lm: LanguageModel, tokenizer: Tokenizer, questions: list[dict],
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# auto-CFT: the model writes one contextual prompt per document (greedy, batched), cached on disk. Ranks split the
-# documents; generation runs a fixed number of tokens (no early stop) so that FSDP ranks stay in lockstep.
+# Main: resolve inputs (with clear errors, before anything is written), then per method: build, evaluate, train, save.
 
 
-def auto_prompts(lm: LanguageModel, tokenizer: Tokenizer, texts: list[str], cfg: CFTConfig, env: Dist,
-                 batch_size: int = 16, excerpt_tokens: int = 512) -> list[list[int]]:
-    key = data.corpus_key(texts + [str(cfg.checkpoint), str(cfg.model), str(cfg.seed), str(cfg.auto_prompt_tokens)],
-                          tokenizer.path)
-    cache = Path(cfg.cache_dir) / f"auto-prompts-{key}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    head = tokenizer.encode(AUTO_CFT_INSTRUCTION + "\n\nText:", bos=True)
-    tail = tokenizer.encode("\n\nContextual prompt:")
-    inputs = [head + tokenizer.encode(t)[:excerpt_tokens] + tail for t in texts]
-    mine = list(range(env.rank, len(texts), env.world))
-    n_batches = math.ceil(math.ceil(len(texts) / env.world) / batch_size)
-    newline = {i for i in tokenizer.encode("a\nb") if "\n" in tokenizer.decode([i])}  # a prompt ends at a line end
-    results = {}
-    lm.eval()
-    for b in tqdm(range(n_batches), desc="auto-cft prompts", disable=not (env.is_main and cfg.progress)):
-        # A rank out of documents generates for document 0 and keeps nothing: FSDP needs every rank's forwards.
-        part = mine[b * batch_size:(b + 1) * batch_size]
-        # Autocast also under FSDP: generate's KV cache takes the dtype of the (fp32, sharded) parameters while
-        # FSDP computes in bf16; autocast makes attention read both in bf16.
-        with torch.autocast(env.device.type, dtype=PRECISIONS[cfg.precision], enabled=cfg.precision != "fp32"):
-            out = generate(lm, [inputs[i] for i in part or [0]], cfg.auto_prompt_tokens, pad_id=tokenizer.pad_id)
-        for i, ids in zip(part, out):
-            cut = next((k for k, t in enumerate(ids) if t == tokenizer.eos_id or t in newline), len(ids))
-            results[i] = ids[:cut]
-    lm.train()
-    reshard(lm)
-    if env.world > 1:  # every rank gets every prompt: rows of -1 after a prompt's end, each filled on one rank only
-        table = torch.full((len(texts), cfg.auto_prompt_tokens), -1, dtype=torch.long)
-        for i, ids in results.items():
-            table[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        table = table.to(env.device)
-        dist.all_reduce(table, op=dist.ReduceOp.MAX)
-        results = {i: [t for t in row if t >= 0] for i, row in enumerate(table.tolist())}
-    prompts = [results[i] for i in range(len(texts))]
-    if env.is_main:
-        write_text(cache, json.dumps(prompts))
-    return prompts
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Main: resolve inputs (with clear errors), then per method: build, evaluate, train, save, evaluate.
-
-
-def resolve_inputs(cfg: CFTConfig, env: Dist):
-    """Check every input before any training starts: returns (texts, questions, tokenizer, model config, methods)."""
-    cfg.cache_dir = cfg.cache_dir or str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cft")
-    cfg.precision = cfg.precision or default_precision(env.device)
-    if cfg.precision == "fp16":
-        fail("--precision fp16: training in fp16 needs loss scaling, which cft.py does not do; use bf16 or fp32")
-    if cfg.batch_size % (env.world * cfg.micro_batch_size):
-        fail(f"--batch-size {cfg.batch_size} must be a multiple of processes ({env.world}) x --micro-batch-size "
-             f"({cfg.micro_batch_size})")
-    if cfg.method == "auto-cft" and not (cfg.checkpoint or cfg.model):
-        fail("--method auto-cft needs a model that can write prompts: pass --checkpoint (or --model)")
-    if cfg.checkpoint and cfg.model:
-        fail("pass either --checkpoint (pretrained) or --model (random init), not both")
-    texts, questions, tokenizer = load_domain(cfg, env)
+def run_all(cfg: CFTConfig, env: Dist, inputs: Inputs, out: Path) -> tuple[list[dict], list[Path]]:
+    """Claim --out (one process per folder), check what it holds, and run each method in its folder."""
+    demo = len(inputs.methods) > 1
+    outs = [out / m for m in inputs.methods] if demo else [out]
+    if cfg.resume and not out.is_dir():
+        fail(f"--resume: {out} does not exist; leave out --resume to start a new run there")
+    check = lambda: check_demo_folder(out, outs, cfg.resume) if demo else plan_start(out, cfg.resume)
     try:
-        if cfg.checkpoint:
-            model_cfg = ModelConfig.from_hf(cfg.checkpoint)
-        elif cfg.model:
-            model_cfg = ModelConfig.from_name(cfg.model, vocab_size=tokenizer.vocab_size)
-        else:
-            model_cfg = ModelConfig(vocab_size=tokenizer.vocab_size, **DEMO_MODEL)
-        tokenizer.check_vocab(model_cfg.vocab_size)
-    except (ValueError, FileNotFoundError) as e:
+        check()  # before taking the lock, which creates the folder: a refused run leaves nothing behind
+    except ValueError as e:
         fail(str(e))
-    if cfg.seq_len + cfg.promot_prompt_len * (cfg.promot_prompt_steps > 0) > model_cfg.max_seq_len:
-        fail(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
-    methods = [cfg.method] if cfg.method else (["cft", "cpt"] if cfg.data is None else ["cft"])
-    return texts, questions, tokenizer, model_cfg, methods
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(claimed_folder(out, env))
+            plan = check()  # again, holding the lock: another run may have started meanwhile
+        except ValueError as e:
+            fail(str(e))
+        results = [run_method(m, cfg, env, inputs, o, None if demo else plan) for m, o in zip(inputs.methods, outs)]
+    return results, outs
 
 
-def load_domain(cfg: CFTConfig, env: Dist):
-    """(texts, questions or None, tokenizer): the built-in pharmacology (its own tokenizer unless --tokenizer) or
-    --data (the tokenizer rule: --tokenizer, else the checkpoint's tokenizer.model)."""
-    try:
-        if cfg.data is None:
-            if env.is_main:  # trains and caches the demo tokenizer once; the other ranks read it
-                Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-                builtin_domain(Path(cfg.cache_dir), cfg.seed)
-            env.barrier()
-            texts, questions, tokenizer = builtin_domain(Path(cfg.cache_dir), cfg.seed)
-            return texts, questions, Tokenizer.resolve(cfg.tokenizer) if cfg.tokenizer else tokenizer
-        texts, stats = data.read_corpus(cfg.data, cfg.text_field)
-        if env.is_main:
-            print(f"corpus {cfg.data}: {stats.summary()}")
-        return texts, None, Tokenizer.resolve(cfg.tokenizer, cfg.checkpoint)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+def run_method(method: str, cfg: CFTConfig, env: Dist, inputs: Inputs, out: Path, plan) -> dict:
+    """One method in its folder: skipped when finished, resumed where it stopped, else trained from the start."""
+    with contextlib.ExitStack() as held:
+        if plan is None:  # a method folder of the demo: its own lock, and its own state
+            try:
+                held.enter_context(claimed_folder(out, env))
+                plan = plan_start(out, cfg.resume)
+            except ValueError as e:
+                fail(str(e))
+        if plan == "finished":
+            if env.is_main:
+                print(f"{method}: finished earlier ({out / 'final'})")
+            try:
+                return read_result(out, method)
+            except ValueError as e:
+                fail(str(e))
+        return train_method(method, cfg, env, inputs, out, plan)
 
 
-def prepare_out(cfg: CFTConfig, methods: list[str], env: Dist) -> list[Path]:
-    out = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    outs = [out / m for m in methods] if len(methods) > 1 else [out]
-    if not cfg.resume and out.exists() and any(out.iterdir()):
-        fail(f"--out {out} exists and is not empty; pass --resume to continue it or choose a new folder")
-    if cfg.resume and latest_checkpoint(outs[0]) is None and not (outs[0] / "final").exists():
-        fail(f"--resume: no checkpoint in {outs[0] / 'checkpoints'}")
-    env.barrier()
-    return outs
-
-
-# Settings that may change between a run and its --resume: they do not change the trajectory.
-RESUMABLE_CHANGES = {"resume", "stop_after", "save_every", "eval_every", "progress", "workers", "cache_dir", "out",
-                     "device"}
-
-
-def check_same_run(cfg: CFTConfig, out: Path):
-    saved = json.loads((out / "config.json").read_text())
-    for key, value in asdict(cfg).items():
-        if key not in RESUMABLE_CHANGES and saved.get(key) != value:
-            fail(f"--resume: --{key.replace('_', '-')} is {value!r} but the run in {out} used {saved.get(key)!r}")
-
-
-def run_method(method: str, cfg: CFTConfig, env: Dist, texts, questions, tokenizer, model_cfg, out: Path) -> dict:
-    if cfg.resume and (out / "final").exists():
-        fail(f"{out / 'final'} exists: this run already finished")
+def train_method(method: str, cfg: CFTConfig, env: Dist, inputs: Inputs, out: Path, plan) -> dict:
+    record = asdict(replace(cfg, method=method))
+    if plan != "start":
+        try:
+            check_config(out, record)
+        except ValueError as e:
+            fail(str(e))
     n_soft = cfg.promot_prompt_len if cfg.promot_prompt_steps else 0
-    lm = build_language_model(cfg, model_cfg, env, n_soft)
+    lm = build_language_model(cfg, inputs.model_cfg, env, n_soft)
+    try:
+        train_data = prepare_data(cfg, method, inputs.texts, inputs.tokenizer, lm, env, n_soft, inputs.extra)
+    except ValueError as e:
+        fail(str(e))
+    if len(train_data.rows) < cfg.batch_size:
+        fail(f"only {len(train_data.rows)} training rows of {cfg.seq_len} tokens for a global batch of "
+             f"{cfg.batch_size}: lower --batch-size (or --seq-len, or --heldout-fraction) or add data")
     if n_soft:
-        init_soft_prompt(lm, tokenizer, data.CONTEXTUAL_PROMPTS["Focus on Key Concepts"])
+        init_prompt(lm, inputs.tokenizer, train_data, cfg)
     result = {"method": method}
-    if questions is not None:
-        result["before"] = mcq_accuracy(lm, tokenizer, questions, cfg, env)
-    train_data = prepare_data(cfg, method, texts, tokenizer, lm, env, n_soft)
+    if inputs.questions is not None:
+        result["before"] = mcq_accuracy(lm, inputs.tokenizer, inputs.questions, cfg, env)
     if env.is_main:
         print(f"{method}: {len(train_data.rows)} rows of {cfg.seq_len} tokens, {int(train_data.rows.loss.sum()):,} "
               f"trained tokens, {lm.cfg.num_params() / 1e6:.1f}M parameters, {env.world} process(es) on "
               f"{env.device.type}")
-    if cfg.resume:
-        check_same_run(cfg, out)
-    elif env.is_main:  # created only now, so that a run refused over bad input leaves no folder behind
-        write_text(out / "config.json", json.dumps(asdict(cfg), indent=1))
+        if plan == "start":  # written only now, so that a run refused over bad input leaves no folder behind
+            write_config(out, record)
+        elif plan == "restart":
+            print(f"{method}: no checkpoint in {out / 'checkpoints'} (the run stopped before its first one): "
+                  f"starting again from step 0")
     env.barrier()
-    records = train_language_model(lm, train_data, cfg, env, out, label=method)
+    records = train_language_model(lm, train_data, cfg, env, out, label=method,
+                                   resume_from=plan if isinstance(plan, Path) else None)
     result["loss"] = records[-1]["loss"] if records else float("nan")
     if cfg.stop_after is not None and records and records[-1]["step"] == cfg.stop_after:
         result["stopped"] = cfg.stop_after
         return result
-    if questions is not None:
-        result["after"] = mcq_accuracy(lm, tokenizer, questions, cfg, env)
-    save_final(lm, tokenizer, out, env, source=cfg.checkpoint)
+    if inputs.questions is not None:
+        result["after"] = mcq_accuracy(lm, inputs.tokenizer, inputs.questions, cfg, env)
+    save_final(lm, inputs.tokenizer, out, env, cfg, result)
+    if env.is_main:
+        shutil.rmtree(out / "selected", ignore_errors=True)  # --promot-select snapshots: final/ holds the best
     return result
 
 
@@ -672,12 +644,16 @@ def main(argv=None):
     finished = False
     try:
         torch.manual_seed(cfg.seed)
-        texts, questions, tokenizer, model_cfg, methods = resolve_inputs(cfg, env)
-        outs = prepare_out(cfg, methods, env)
-        results = [run_method(m, cfg, env, texts, questions, tokenizer, model_cfg, o) for m, o in zip(methods, outs)]
+        try:
+            inputs = resolve_inputs(cfg, env)
+        except ValueError as e:
+            fail(str(e))
+        results, outs = run_all(cfg, env, inputs, Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"))
         if env.is_main:
-            report(results, questions, outs)
+            report(results, inputs.questions, outs)
         finished = True
+    except OSError as e:  # e.g. a full disk while writing metrics: one line naming the file, not a traceback
+        fail(f"{e.filename or 'writing the run'}: {e.strerror or e}")
     finally:
         torch.set_num_threads(threads)
         shutdown_distributed(env, finished)

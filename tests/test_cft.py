@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import cft
 import data
+import method_data
 from conftest import ROOT, _generated_sentences, tiny_cfg, torchrun
 from distributed import Dist
 from hf_checkpoint import load_pretrained, save_pretrained
@@ -57,7 +58,7 @@ def reference(setup):
 
 def test_prompt_tokens_get_no_gradient(setup):
     tok = data.Tokenizer(setup / "ckpt" / "tokenizer.model")
-    prompts = cft.method_prompts("cft", tok, None)
+    prompts = method_data.method_prompts("cft", tok, None)
     docs = [np.array(tok.encode(" ".join(_generated_sentences(4, seed=s))), np.int32) for s in range(3)]
     rows = data.domain_rows(docs, prompts, 160, tok.bos_id, tok.eos_id, tok.pad_id, seed=0, pack=True)
     batch = data.to_batch(rows, np.arange(len(rows)), "cpu")
@@ -183,7 +184,7 @@ def test_promot_resumed_at_the_stage_boundary_reproduces_the_uninterrupted_run(s
 
 def test_auto_cft_generates_one_cached_prompt_per_document(setup):
     cft.main(args(setup, setup / "auto", "--method", "auto-cft", "--max-steps", "1", "--auto-prompt-tokens", "6",
-                  "--lora-rank", "4", "--cache-dir", str(setup / "cache3")))
+                  "--lora-rank", "4", "--merge-lora", "--cache-dir", str(setup / "cache3")))
     cached = list((setup / "cache3").glob("auto-prompts-*.json"))
     assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == 40
     assert (setup / "auto" / "final" / "model.safetensors").is_file()  # LoRA merged into the HF folder
