@@ -161,19 +161,6 @@ def bench_attention(argv):
     candidates = {"ours: attention() (FlexAttention, shared prefix)" if device == "cuda" else "ours: attention()":
                   lambda: attention(q, k, v, mask, prefix)}
     if device == "cuda":
-        def eager_fold():  # the path before fused_attention compiled the folding with the kernel (same block mask)
-            from torch.nn.attention.flex_attention import flex_attention
-
-            import fused_attention as fa
-            from model import allowed
-            fold = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], -1, D)
-            block_mask = fa._block_mask(mask, ("folded", n_demo, T, T), fa.folded_rule(mask, T, T, allowed), 1,
-                                        n_demo * T, P + n_demo * T, device)
-            keys, values = torch.cat([prefix[0], fold(k)], 2), torch.cat([prefix[1], fold(v)], 2)
-            out = fa._compile_once("plain", flex_attention)(fold(q), keys, values, block_mask=block_mask)
-            return out.view(H, n_demo, T, D).transpose(0, 1)
-        candidates["same kernel, folding copies eager (the previous path)"] = eager_fold
-
         def sdpa_dense():  # what a caller without the description would do: copy the prefix per row + dense mask
             keys, values = prepend_prefix(k, v, prefix)
             keep = dense_mask(mask, n_demo, T, P + T, device)
@@ -517,12 +504,7 @@ def bench_train(argv):
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         return tokens_per_step * args.steps / seconds, peak
 
-    def ours(compile_blocks: bool, overlap: bool = True):
-        if not overlap:  # the same loop with FSDP2's default scheduling, for a same-run comparison
-            import functools
-
-            import distributed
-            cft.parallelize = functools.partial(distributed.parallelize, overlap=False)
+    def ours(compile_blocks: bool):
         cfg = cft.CFTConfig(batch_size=rows_per_rank * env.world, micro_batch_size=args.micro_batch_size,
                          seq_len=args.seq_len, lr=1e-5, compile=compile_blocks, precision="bf16" if cuda else "fp32")
         lm = cft.build_language_model(cfg, model_cfg, env, 0)
@@ -533,12 +515,8 @@ def bench_train(argv):
             cft.train_step(lm, optimizer, rows, rank_rows(s), n_targets, cfg, env, params)
         result = measure(step)
         if args.profile and cuda:
-            profiles[f"compiled={compile_blocks}, overlap={overlap}"] = kernel_breakdown(
-                lambda: [step(s) for s in range(2)])
+            profiles[f"compiled={compile_blocks}"] = kernel_breakdown(lambda: [step(s) for s in range(2)])
         del lm, optimizer, params
-        if not overlap:
-            import distributed
-            cft.parallelize = distributed.parallelize
         return result
 
     def transformers_llama():
@@ -584,8 +562,6 @@ def bench_train(argv):
     cases = [] if args.skip_eager and cuda else [("cft.py loop, eager", lambda: ours(False))]
     if cuda:
         cases.append(("cft.py loop, torch.compile per block + fused loss", lambda: ours(True)))
-    if cuda and env.world > 1:
-        cases.append(("the same, FSDP2 default scheduling (no explicit prefetch)", lambda: ours(True, overlap=False)))
     if not args.skip_transformers:
         cases.append(("transformers LlamaForCausalLM", transformers_llama))
     results = {}

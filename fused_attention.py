@@ -55,14 +55,14 @@ def folded_rule(layout, n_queries: int, n_own_keys: int, rule):
 
 def _folded_flex(q, k, v, prefix_k, prefix_v, block_mask, gqa: bool):
     """Shared prefix, stored once: fold the batch into the sequence axis, queries (1, H, B*T, D) attend to
-    [prefix | row 0's keys | row 1's keys | ...] (1, Hkv, P + B*S, D). Compiled as a whole, so the folding copies
-    fuse into few kernels and one call pays one guard check."""
+    [prefix | row 0's keys | row 1's keys | ...] (1, Hkv, P + B*S, D). The folding copies stay eager: compiling them
+    together with the kernel measured slower (6.1 against 3.9 ms at P = 4096, 8 x 512, H200; BENCHMARKS.md)."""
     from torch.nn.attention.flex_attention import flex_attention
     B, H, T, D = q.shape
     fold = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], -1, D)  # (B, h, n, D) -> (1, h, B*n, D)
     keys = torch.cat([prefix_k, fold(k)], dim=2)
     values = torch.cat([prefix_v, fold(v)], dim=2)
-    out = flex_attention(fold(q), keys, values, block_mask=block_mask, enable_gqa=gqa)
+    out = _compile_once("plain", flex_attention)(fold(q), keys, values, block_mask=block_mask, enable_gqa=gqa)
     return out.view(H, B, T, D).transpose(0, 1)
 
 
@@ -74,7 +74,7 @@ def flex_attention_path(q, k, v, layout, prefix, gqa: bool, rule):
     if prefix is not None and prefix[0].shape[0] == 1 and B > 1:
         block_mask = _block_mask(layout, ("folded", B, T, S), folded_rule(layout, T, S, rule), 1, B * T, P + B * S,
                                  q.device)
-        return _compile_once("folded", _folded_flex)(q, k, v, prefix[0], prefix[1], block_mask, gqa)
+        return _folded_flex(q, k, v, prefix[0], prefix[1], block_mask, gqa)
     from torch.nn.attention.flex_attention import flex_attention
     k, v = prepend_prefix(k, v, prefix)
     mask_mod = lambda b, _h, qi, ki: rule(layout, b, qi, ki)
