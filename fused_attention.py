@@ -81,3 +81,27 @@ def flex_attention_path(q, k, v, layout, prefix, gqa: bool, rule):
     rows = B if layout.mask.varies_by_row() else None  # None: one block mask broadcast over the batch
     block_mask = _block_mask(layout, ("plain", rows, T, k.shape[2]), mask_mod, rows, T, k.shape[2], q.device)
     return _compile_once("plain", flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def _merge_by_lse(out_a, lse_a, out_b, lse_b):
+    """Softmax over the union of two key sets from each set's own softmax: weights exp(lse - max)."""
+    top = torch.maximum(lse_a, lse_b)
+    w_a, w_b = torch.exp(lse_a - top)[..., None], torch.exp(lse_b - top)[..., None]
+    return ((out_a.float() * w_a + out_b.float() * w_b) / (w_a + w_b)).to(out_a.dtype)
+
+
+def two_part_flex(q, k, v, layout, prefix, gqa: bool, rule):
+    """The shared prefix without folding or copying: FlexAttention broadcasts the batch-1 prefix keys over the B
+    query rows (a per-row block mask), a second call covers the rows' own keys, and the two softmaxes are merged by
+    their log-sum-exp (exact: the softmax over the union of the two key sets)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    B, H, T, D = q.shape
+    S, P = k.shape[2], layout.prefix_len
+    flex = _compile_once("plain", flex_attention)
+    prefix_mask = _block_mask(layout, ("prefix part", B, T, P), lambda b, _h, qi, ki: rule(layout, b, qi, ki), B, T,
+                              P, q.device)
+    own_mask = _block_mask(layout, ("own part", B, T, S), lambda b, _h, qi, ki: rule(layout, b, qi, P + ki), B, T, S,
+                           q.device)
+    out_a, lse_a = flex(q, prefix[0], prefix[1], block_mask=prefix_mask, enable_gqa=gqa, return_lse=True)
+    out_b, lse_b = flex(q, k, v, block_mask=own_mask, enable_gqa=gqa, return_lse=True)
+    return _compile_once("merge", _merge_by_lse)(out_a, lse_a, out_b, lse_b)
