@@ -558,6 +558,8 @@ def run_promot(cfg: PromotConfig, out: Path, device, deadline: float, jobs: int)
         backbone_cfg = icl.REGRESSION_PRESETS[cfg.backbone]
         if not icl.pretrain(backbone_cfg, out, device, deadline, compile=torch.device(device).type == "cuda"):
             return False
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # hand pretraining's cached memory to the job processes
     _, meta = load_base(cfg, out, "cpu")
     check_promot_config(cfg, meta["config"]["n_points"])
     rates = with_learning_rates(cfg, meta)
@@ -580,6 +582,16 @@ def run_promot(cfg: PromotConfig, out: Path, device, deadline: float, jobs: int)
 # CLI
 
 
+def backbone_points(cfg: PromotConfig) -> int:
+    """Points per prompt of the backbone the run will use (checked before anything is written)."""
+    if not cfg.pretrained:
+        return icl.REGRESSION_PRESETS[cfg.backbone].n_points
+    meta = icl.read_meta(cfg.pretrained)
+    if meta is None or not meta.get("done"):
+        raise FileNotFoundError(f"{cfg.pretrained}: no finished icl_regression pretraining checkpoint")
+    return meta["config"]["n_points"]
+
+
 def resolve_promot_config(args) -> PromotConfig:
     """The run's config: written to OUT/config.json on first use; later calls must not contradict it."""
     preset = "quick" if args.quick else args.preset_name
@@ -591,6 +603,7 @@ def resolve_promot_config(args) -> PromotConfig:
     if not path.is_file():
         if args.job:
             raise FileNotFoundError(f"{path}: missing (start the run without --job)")
+        check_promot_config(wanted, backbone_points(wanted))
         write_text(path, json.dumps(dataclasses.asdict(wanted), indent=1))
         return wanted
     stored = PromotConfig(**json.loads(path.read_text()))

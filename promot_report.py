@@ -54,10 +54,28 @@ def arm_summary(runs: list[dict]) -> dict:
     return summary
 
 
+def paired_with_ft(runs: list[dict], ft_runs: list[dict]) -> dict:
+    """Per-seed differences arm - ft (the same seed shares every data split): target MSE, the held-out error ratio at
+    each k, the leak and range rates. A CI excluding 0 is a difference the seeds agree on."""
+    ft_by_seed = {r["seed"]: r for r in ft_runs}
+    pairs = [(r, ft_by_seed[r["seed"]]) for r in runs if r["seed"] in ft_by_seed]
+    if not pairs:
+        return {}
+    ratio = lambda r, k: r["icl_after"]["mse"][k] / r["icl_before"]["mse"][k]
+    ks = list(pairs[0][0]["icl_after"]["mse"])
+    return {"target_mse": seed_stat(a["target"]["mse"] - f["target"]["mse"] for a, f in pairs),
+            "icl_ratio": {k: seed_stat(ratio(a, k) - ratio(f, k) for a, f in pairs) for k in ks},
+            "leak_rate": seed_stat(a["icl_after"]["leak_rate"] - f["icl_after"]["leak_rate"] for a, f in pairs),
+            "range_rate": seed_stat(a["icl_after"]["range_rate"] - f["icl_after"]["range_rate"] for a, f in pairs)}
+
+
 def collect_promot_results(out: Path, cfg, meta: dict, complete: bool, job_arms: dict) -> dict:
     job_of = {arm: job for job, arms in job_arms.items() for arm in arms}
     runs = {arm: read_arm_results(out, arm, job_of[arm]) for arm in cfg.arms}
     arms = {arm: arm_summary(r) for arm, r in runs.items() if r}
+    for arm, summary in arms.items():
+        if arm != "ft" and runs.get("ft"):
+            summary["minus_ft"] = paired_with_ft(runs[arm], runs["ft"])
     any_runs = next((r for r in runs.values() if r), [])
     base = {} if not any_runs else {
         "target_mse": seed_stat(r["target_before"]["mse"] for r in any_runs),
@@ -111,6 +129,15 @@ def promot_table(results: dict) -> str:
                          ", ".join(f"k={k} {format_stat(s['icl_mse_with_prompt'][k])}" for k in ks) +
                          f"; leak {format_stat(s['leak_rate_with_prompt'])}; in range "
                          f"{format_stat(s['range_rate_with_prompt'])}.")
+    paired = [(arm, s["minus_ft"]) for arm, s in arms.items() if s.get("minus_ft")]
+    if paired:
+        lines += ["", "Paired with FT (arm − FT, same seed and data; mean ± 95% CI):", "",
+                  "| arm | target MSE | " + " | ".join(f"ICL ratio k={k}" for k in ks) + " | leak | in range |",
+                  "|---|---|" + "---|" * len(ks) + "---|---|"]
+        for arm, d in paired:
+            lines.append(f"| {ARM_LABELS.get(arm, arm)} | {format_stat(d['target_mse'], 2)} | " +
+                         " | ".join(format_stat(d["icl_ratio"][k], 2) for k in ks) +
+                         f" | {format_stat(d['leak_rate'], 2)} | {format_stat(d['range_rate'], 2)} |")
     if not results["complete"]:
         lines.append("\nINCOMPLETE: some runs have not finished; re-run the same command.")
     return "\n".join(lines) + "\n"
@@ -145,9 +172,13 @@ def write_curves(out: Path, rows: list[dict], ks) -> list[Path]:
     except ImportError:
         print("promot: matplotlib is not installed; wrote curves.csv only")
         return written
-    panels = [("target_val_mse", "target validation MSE", False), (f"icl_mse_k{ks[-1]}",
-              f"held-out ICL MSE, k = {ks[-1]}", True), ("leak_rate", "held-out leak rate (near ±1)", False),
-              ("range_rate", "held-out predictions in the target range", False)]
+    panels = [("target_val_mse", "target validation MSE", False), (f"icl_ratio_k{ks[-1]}",
+              f"held-out ICL MSE / base model's, k = {ks[-1]}", True), ("leak_rate", "held-out leak rate (near ±1)",
+              False), ("range_rate", "held-out predictions in the target range", False)]
+    for row in rows:  # step 0 of every stage is the base model on the same curve prompts
+        start = next(r for r in rows if (r["arm"], r["seed"], r["stage"], r["step"]) == (row["arm"], row["seed"],
+                                                                                          row["stage"], 0))
+        row[f"icl_ratio_k{ks[-1]}"] = row[f"icl_mse_k{ks[-1]}"] / start[f"icl_mse_k{ks[-1]}"]
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     for ax, (key, label, log) in zip(axes, panels):
         for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
