@@ -1,56 +1,45 @@
-"""Context tuning (Lu, Teehan, Yang, Ren 2025): CT-KV and CT-Prompt, against ICL, prompt/prefix tuning and TTT.
+"""Context tuning (Lu, Teehan, Yang, Ren 2025) on text tasks: CT-KV and CT-Prompt against zero-shot, ICL, prompt and
+prefix tuning, TTT and TTT + CT-KV, with a Llama checkpoint; and the entry to the synthetic reproduction and timing.
 
-Given k demonstrations (x_i, y_i) of a new task and a frozen model:
-- CT-KV: one no-grad pass over the concatenated demonstrations gives every layer's keys/values over the P prefix
-  positions (keys already rotated). Those K/V tensors are the only trainable parameters. Demonstration i is re-posed as
-  a training pair placed after the prefix (positions start at P), loss on y_i only, attending to the prefix with
-  demonstration i's span hidden (leave-one-out) and each prefix position dropped with probability p (token dropout).
-  The prefix is never recomputed, so a step costs time linear in k.
-- CT-Prompt: a soft prompt initialised from the demonstrations' embeddings, trained the same way but passed through
-  the whole model every step (strict leave-one-out: demonstration i's embeddings are hidden from pair i): quadratic
-  in k.
-- Baselines: zero-shot, ICL, prompt tuning and prefix tuning (m = 32 positions, initialised from random tokens, not
-  from the demonstrations), TTT (LoRA on leave-one-out permutations of the demonstrations), TTT+CT-KV.
-All masking goes through model.py's AttentionMask; every method ends as (model, prefix_kv) and is evaluated the same
-way.
+The methods live in ct_methods.py (as the first author's research code, Jacklu0831/marc, runs them; --recipe nlp,
+mmlu or bbh takes that benchmark's settings); here: tasks (JSONL, or k-shot tasks cut from benchmark_data.py's data
+sets) -> token episodes ([BOS] x_1 y_1 \\n x_2 y_2 \\n ...; --no-bos: marc's layout without BOS) -> evaluation
+(scoring.py's option log-likelihood, mean per token, or greedy exact match) -> CLI. `--quick` / `--reproduce` run
+ct_reproduction.py on icl_regression.py's regression transformer; `--time` runs ct_timing.py.
 
-Read top to bottom: tasks (JSONL format, k-shot tasks cut from benchmark_data.py's data sets) -> episodes (a task's
-demonstrations as tensors) -> the methods -> evaluation (scoring.py's option log-likelihood, mean per token, or greedy
-exact match) -> the synthetic reproduction (`--quick`, on icl_regression.py's regression transformer: regression MSE)
--> CLI.
-
-  python context_tuning.py --checkpoint DIR --tasks multifin-en --k 16 --method ct-kv
+  python context_tuning.py --model llama2-7b --tasks multifin-en --k 16 --method ct-kv
+  python context_tuning.py --checkpoint DIR --tasks mmlu-medical --k 5 --recipe mmlu --method all
   python context_tuning.py --tasks fiqa-sa --k 16 --write-tasks fiqa16.jsonl      # convert only, no model
   python context_tuning.py --quick --out runs/ct                                 # CPU reproduction, <= 5 minutes
+  python context_tuning.py --reproduce full --out runs/ct-full --budget 1500     # GPU reproduction (gpu/ct.sh)
 """
 import argparse
-import copy
 import json
+import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import benchmark_data as bd
-import icl_regression as icl
 import scoring
-from atomic import write_text
+from atomic import FolderInUse, write_text
 from config_flags import add_config_flags, config_from_args, option
-from ct_regression import CTQuickConfig, RegressionIO, quick_backbone, regression_mse
+from ct_methods import METHODS, RECIPES, TTT_TARGETS, TuneConfig, adapt_tasks
+from ct_methods import Episode, tune_kv, tune_lora, tune_prompt  # noqa: F401 (bench.py reads them from here)
+from ct_regression import CT_REPRODUCTIONS, CTQuickConfig
+from ct_reproduction import reproduction_config, run_reproduction
+from ct_timing import TIMING_SHAPES, run_timing
+from ct_tokens import TokenIO, newline_ids, token_episode
+from ct_tokens import token_demo, token_lead  # noqa: F401 (bench.py reads them from here)
 from data import Tokenizer, read_jsonl, require_field
-from hf_checkpoint import load_pretrained
-from lora import apply_lora, merge_lora
-from model import PRECISIONS, AttentionMask, default_precision, generate, prefill
-from training import lr_at
-
-METHODS = ("zero-shot", "icl", "prompt-tuning", "prefix-tuning", "ct-prompt", "ct-kv", "ttt", "ttt+ct-kv")
-
+from hf_checkpoint import check_memory, inference_bytes, load_pretrained, resolve_model
+from lora import load_peft_adapter
+from model import MODEL_PRESETS, PRECISIONS, ModelConfig, create_model, default_precision, generate
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tasks: one JSON object per line, {"demos": [{"input", "output"}...], "queries": [{"input", "output", "options"?}...]}
@@ -146,300 +135,6 @@ def make_tasks(name: str, data_dir, k: int, seed: int = 0, max_queries: int = 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Episodes: a task's demonstrations as model inputs. Everything is in embedding space, so the same methods run on
-# model.py's Llama (TokenIO: token embeddings in, next-token loss out) and on icl_regression.py's regression
-# transformer (RegressionIO: read-in vectors in, squared error out).
-
-NO_TARGET = -100  # the target of a position outside the loss (Transformer.loss's ignore index)
-
-
-@dataclass
-class Demo:
-    embeds: torch.Tensor   # (L, dim) model inputs of this demonstration
-    targets: torch.Tensor  # (L,) what each position predicts: the next token id, or the regression target
-    in_loss: torch.Tensor  # (L,) bool: positions in the loss (those that predict y_i)
-
-
-@dataclass
-class Episode:
-    lead: Demo          # context start that belongs to no demonstration (Llama's BOS); empty for regression
-    demos: list[Demo]
-
-    def context(self) -> torch.Tensor:
-        """(1, P, dim): the lead and every demonstration, concatenated (ICL's context, CT-Prompt's initialisation)."""
-        return torch.cat([self.lead.embeds] + [d.embeds for d in self.demos])[None]
-
-    def spans(self) -> torch.Tensor:
-        """(k, 2) long: [start, end) of demonstration i inside the context = the key span hidden from pair i."""
-        ends = torch.tensor([len(self.lead.embeds)] + [len(d.embeds) for d in self.demos]).cumsum(0)
-        return torch.stack([ends[:-1], ends[1:]], dim=1).to(self.lead.embeds.device)
-
-    def pairs(self):
-        """Demonstration i re-posed as training pair i (row i), right-padded: embeds (k, T, dim), targets, in_loss
-        (k, T). Padding sits after every real position, so causal attention keeps it out of the loss positions."""
-        T = max(len(d.embeds) for d in self.demos)
-        pad = lambda t: F.pad(t, (0, 0) * (t.dim() - 1) + (0, T - len(t)))
-        return tuple(torch.stack([pad(getattr(d, f)) for d in self.demos]) for f in ("embeds", "targets", "in_loss"))
-
-
-class TokenIO:
-    """Llama's inputs and outputs: token ids in through the embedding table, next-token cross-entropy out
-    (Transformer.loss). TTT's LoRA adapters touch neither, so one TokenIO serves the adapted copies too."""
-
-    def __init__(self, model):
-        self.model = model
-
-    @torch.no_grad()
-    def embed(self, ids: list[int]) -> torch.Tensor:
-        return self.model.embed_tokens(torch.tensor(ids, device=self.model.embed_tokens.weight.device))
-
-    def position_loss(self, hidden, targets):
-        """hidden (N, dim), targets (N,) -> (N,) fp32 cross-entropy of each position."""
-        return self.model.loss(hidden[None], targets[None], reduction="none")[0]
-
-    @torch.no_grad()
-    def random_context(self, m: int, generator) -> torch.Tensor:
-        """m embeddings of random vocabulary tokens (Lester et al.'s sampled-vocabulary init), not the
-        demonstrations."""
-        ids = torch.randint(self.model.embed_tokens.num_embeddings, (m,), generator=generator)
-        return self.embed(ids.tolist())
-
-
-def row_losses(io, hidden, targets, in_loss) -> torch.Tensor:
-    """(B,) mean loss over each row's positions in the loss (the paper's mean per-token loss)."""
-    per_position = io.position_loss(hidden[in_loss], targets[in_loss])
-    rows = in_loss.nonzero()[:, 0]
-    sums = torch.zeros(len(in_loss), device=hidden.device, dtype=per_position.dtype).index_add(0, rows, per_position)
-    return sums / in_loss.sum(1).clamp(min=1)
-
-
-def newline_ids(tok) -> list[int]:
-    """Token ids ending a demonstration: the newline, as it tokenizes after text (sentencepiece adds a leading space
-    piece to a lone "\\n"); eos when the tokenizer has no newline."""
-    return tok.encode("a\n")[len(tok.encode("a")):] or [tok.eos_id]
-
-
-def token_demo(model, ids: list[int], n_input: int) -> Demo:
-    """A demonstration from its token ids (input, then output and separator): positions n_input-1 .. L-2 predict the
-    output tokens; the last position predicts nothing."""
-    device = model.embed_tokens.weight.device
-    in_loss = torch.zeros(len(ids), dtype=torch.bool, device=device)
-    in_loss[n_input - 1:len(ids) - 1] = True
-    return Demo(TokenIO(model).embed(ids), torch.tensor(ids[1:] + [NO_TARGET], device=device), in_loss)
-
-
-def token_lead(model, bos_id: int) -> Demo:
-    """The context's start: BOS alone, in no loss and in no demonstration's span."""
-    device = model.embed_tokens.weight.device
-    return Demo(TokenIO(model).embed([bos_id]), torch.tensor([NO_TARGET], device=device),
-                torch.zeros(1, dtype=torch.bool, device=device))
-
-
-def demo_ids(tok, text_input: str, text_output: str, sep: list[int]) -> tuple[list[int], list[int]]:
-    """(input ids, output ids + separator): the output's tokens follow scoring.py's rule for an option after its
-    context, so that a demonstration's answer is tokenized as a query's options are scored."""
-    x = tok.encode(text_input)
-    return x, scoring.option_tokens(tok, x, text_input, text_output) + sep
-
-
-def longest_query_len(tok, task: Task, sep: list[int]) -> int:
-    lengths = []
-    for q in task.queries:
-        x = tok.encode(q.input)
-        lengths.append(len(x) + max(len(scoring.option_tokens(tok, x, q.input, o)) for o in q.options or [q.output]))
-    return max(lengths) + len(sep)
-
-
-def token_episode(model, tok, task: Task, truncate: bool = False) -> Episode:
-    """[BOS] x_1 y_1 \\n x_2 y_2 \\n ...; checks that context + the longest query fits in max_seq_len."""
-    sep = newline_ids(tok)
-    demos = [demo_ids(tok, x, y, sep) for x, y in task.demos]
-    longest_query = longest_query_len(tok, task, sep)
-    limit = model.cfg.max_seq_len
-
-    def context_len():
-        return 1 + sum(len(x) + len(y) for x, y in demos)
-    if truncate:
-        dropped = 0
-        while len(demos) > 1 and context_len() + longest_query > limit:
-            demos.pop(0)
-            dropped += 1
-        if dropped:
-            print(f"warning: {task.name}: dropped the first {dropped} of {len(task.demos)} demonstrations to fit "
-                  f"max_seq_len {limit} (--truncate-demos)", file=sys.stderr)
-    if context_len() + longest_query > limit:
-        raise ValueError(f"{task.name}: demonstrations take {context_len()} tokens and the longest query "
-                         f"{longest_query}, more than the model's context ({limit}); use fewer/shorter demonstrations "
-                         f"or --truncate-demos")
-    return Episode(token_lead(model, tok.bos_id), [token_demo(model, x + y, len(x)) for x, y in demos])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The methods. Each one ends as (model, prefix_kv): the query is then answered after that prefix (positions from P).
-
-
-@dataclass
-class TuneConfig:
-    # epochs: one optimiser step over all k pairs each (paper: ~200; 16-20 on MMLU/BBH)
-    steps: int = option(200, "optimisation steps (epochs over the k pairs)")
-    # AdamW, no weight decay, cosine decay without warm-up (paper's CT-KV setting)
-    lr: float = option(1e-3, "learning rate of K/V, prompts and prefixes")
-    dropout: float = option(0.05, "token dropout rate p on the prefix (CT methods; paper: 0.05-0.1)")
-    leave_one_out: bool = option(True, "hide demonstration i from pair i (CT methods)")
-    prompt_len: int = option(32, "m, the trainable positions of prompt and prefix tuning")
-    lora_rank: int = option(64, "TTT's LoRA rank")
-    lora_lr: float = option(1e-4, "TTT's LoRA learning rate")
-    micro_batch: int = option(0, "pairs per forward/backward (0: all k); gradients accumulate into the same step")
-    grad_clip: float = 1.0
-    seed: int = option(0, "seed of the demonstrations' sampling, dropout masks, TTT's permutations and adapters")
-    progress: bool = True
-    on_step: object = None     # called after every optimiser step (bench.py times steps with it)
-
-
-def model_dtype(model):
-    return model.embed_tokens.weight.dtype
-
-
-def dropout_mask(rows: int, P: int, p: float, generator, device):
-    """(rows, P) bool: prefix position j dropped for row b with probability p; None when p = 0. Only the P prefix
-    (or soft-prompt) positions can be dropped: the mask's width stops there."""
-    if p == 0:
-        return None
-    return (torch.rand(rows, P, generator=generator) < p).to(device)
-
-
-def optimise(params, batch_loss, n_rows: int, cfg: TuneConfig, desc: str):
-    """AdamW (no weight decay), cosine decay to 0 without warm-up, grad-norm clip, one step per epoch over all pairs.
-    batch_loss(rows, generator) -> (len(rows),) per-pair losses; rows go in micro-batches of cfg.micro_batch."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, 0, cfg.steps))  # cosine, no warm-up
-    generator = torch.Generator().manual_seed(cfg.seed)  # dropout masks and TTT permutations
-    chunk = cfg.micro_batch or n_rows
-    for _ in tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, leave=False):
-        opt.zero_grad(set_to_none=True)
-        for start in range(0, n_rows, chunk):
-            rows = torch.arange(start, min(start + chunk, n_rows))
-            (batch_loss(rows, generator).sum() / n_rows).backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        schedule.step()
-        if cfg.on_step is not None:
-            cfg.on_step()
-
-
-def kv_pair_losses(model, io, pairs, rows, prefix_kv, spans=None, dropped=None):
-    """CT-KV / prefix tuning loss of training pairs `rows` (pairs = Episode.pairs()) after a prefix, per pair:
-    the pairs' positions start at P, span i is hidden from pair i, dropped prefix positions are invisible."""
-    embeds, targets, in_loss = pairs
-    mask = AttentionMask(hidden_span=None if spans is None else spans[rows.to(spans.device)], dropped=dropped)
-    hidden = model.hidden_states(embeds=embeds[rows], prefix_kv=prefix_kv, mask=mask)
-    return row_losses(io, hidden, targets[rows], in_loss[rows])
-
-
-def prompt_pair_losses(model, io, pairs, rows, prompt, spans=None, dropped=None):
-    """CT-Prompt / prompt tuning loss of pairs `rows` after a soft prompt (1, P, dim) run through the model with them.
-    Strict leave-one-out: span i is hidden from every later position of row i, prompt positions included."""
-    embeds, targets, in_loss = pairs
-    n, P = len(rows), prompt.shape[1]
-    x = torch.cat([prompt.expand(n, -1, -1), embeds[rows]], dim=1)
-    row_targets = torch.cat([targets.new_zeros(n, P), targets[rows]], dim=1)
-    row_in_loss = torch.cat([in_loss.new_zeros(n, P), in_loss[rows]], dim=1)
-    mask = AttentionMask(hidden_span=None if spans is None else spans[rows.to(spans.device)], dropped=dropped)
-    return row_losses(io, model.hidden_states(embeds=x, mask=mask), row_targets, row_in_loss)
-
-
-def tune_kv(model, io, ep: Episode, kv, cfg: TuneConfig, spans=None, dropout=0.0, desc="ct-kv"):
-    """CT-KV (kv from the demonstrations, spans = leave-one-out) and prefix tuning (kv from random tokens, no spans).
-
-    The trainable K/V and AdamW's state are fp32 even when the model computes in bf16 (the official code trains them
-    in bf16, where lr 1e-3 updates underflow); each step casts them to the model's dtype. The prefix stays batch 1
-    for all k pairs: model.py's attention shares it across rows without copying it per row."""
-    dtype = model_dtype(model)
-    params = [nn.Parameter(t.detach().float().clone()) for layer in kv for t in layer]
-    pairs = ep.pairs()
-    P = kv[0][0].shape[2]
-
-    def prefix():
-        return [(params[2 * i].to(dtype), params[2 * i + 1].to(dtype)) for i in range(len(kv))]
-
-    def batch_loss(rows, generator):
-        dropped = dropout_mask(len(rows), P, dropout, generator, pairs[0].device)
-        return kv_pair_losses(model, io, pairs, rows, prefix(), spans, dropped)
-
-    optimise(params, batch_loss, len(ep.demos), cfg, desc)
-    with torch.no_grad():
-        return prefix()
-
-
-def tune_prompt(model, io, ep: Episode, prompt, cfg: TuneConfig, spans=None, dropout=0.0, desc="ct-prompt"):
-    """CT-Prompt (prompt = the demonstrations' embeddings, spans = strict leave-one-out) and prompt tuning (random
-    tokens, no spans). Every pair re-runs the whole prompt through the model: time quadratic in k. fp32 master copy."""
-    dtype = model_dtype(model)
-    param = nn.Parameter(prompt.detach().float().clone())  # (1, P, dim)
-    pairs = ep.pairs()
-
-    def batch_loss(rows, generator):
-        dropped = dropout_mask(len(rows), prompt.shape[1], dropout, generator, pairs[0].device)
-        return prompt_pair_losses(model, io, pairs, rows, param.to(dtype), spans, dropped)
-
-    optimise([param], batch_loss, len(ep.demos), cfg, desc)
-    return param.detach().to(dtype)
-
-
-def tune_lora(model, io, ep: Episode, cfg: TuneConfig, desc="ttt"):
-    """Test-time training (Akyurek et al. 2024): LoRA adapters, added to `model` in place, trained on leave-one-out
-    tasks. Row i is [lead, the other demonstrations in a fresh random order, demonstration i], loss on y_i only."""
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)  # the adapters' random init, reproducible without touching the caller's RNG
-        apply_lora(model, rank=cfg.lora_rank)
-    params = [p for p in model.parameters() if p.requires_grad]
-    k = len(ep.demos)
-
-    def batch_loss(rows, generator):
-        seqs = []
-        for i in rows.tolist():
-            order = [j for j in torch.randperm(k, generator=generator).tolist() if j != i]
-            seqs.append([ep.lead] + [ep.demos[j] for j in order] + [ep.demos[i]])
-        embeds = torch.stack([torch.cat([d.embeds for d in s]) for s in seqs])
-        targets = torch.stack([torch.cat([d.targets for d in s]) for s in seqs])
-        in_loss = torch.stack([torch.cat([torch.zeros_like(d.in_loss) for d in s[:-1]] + [s[-1].in_loss])
-                               for s in seqs])
-        return row_losses(io, model.hidden_states(embeds=embeds), targets, in_loss)
-
-    optimise(params, batch_loss, k, replace(cfg, lr=cfg.lora_lr), desc)
-    return model
-
-
-def adapt(method: str, model, io, ep: Episode, cfg: TuneConfig):
-    """Run one method on one episode -> (model to answer with, prefix_kv to answer after)."""
-    model.requires_grad_(False)
-    spans = ep.spans() if cfg.leave_one_out else None
-    context = ep.context()
-    if method == "zero-shot":
-        return model, prefill(model, embeds=ep.lead.embeds[None])
-    if method == "icl":
-        return model, prefill(model, embeds=context)
-    if method in ("prompt-tuning", "prefix-tuning"):
-        generator = torch.Generator().manual_seed(cfg.seed)
-        start = torch.cat([ep.lead.embeds, io.random_context(cfg.prompt_len, generator)])[None]
-        if method == "prompt-tuning":
-            return model, prefill(model, embeds=tune_prompt(model, io, ep, start, cfg, desc=method))
-        return model, tune_kv(model, io, ep, prefill(model, embeds=start), cfg, desc=method)
-    if method == "ct-prompt":
-        return model, prefill(model, embeds=tune_prompt(model, io, ep, context, cfg, spans, cfg.dropout))
-    if method == "ct-kv":
-        return model, tune_kv(model, io, ep, prefill(model, embeds=context), cfg, spans, cfg.dropout)
-    if method == "ttt":  # on a copy: the caller's model stays as it was for the next task or method
-        adapted = tune_lora(copy.deepcopy(model), io, ep, cfg)
-        return adapted, prefill(adapted, embeds=context)
-    if method == "ttt+ct-kv":
-        adapted = merge_lora(tune_lora(copy.deepcopy(model), io, ep, cfg))
-        return adapted, tune_kv(adapted, io, ep, prefill(adapted, embeds=context), cfg, spans, cfg.dropout)
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Evaluation on text tasks: options scored by scoring.py (mean per-token log-likelihood after the prefix, as the paper)
 # or greedy generation, exact match.
 
@@ -474,111 +169,23 @@ def evaluate_task(model, tok, prefix_kv, task: Task, max_new_tokens: int, progre
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The measurable reproduction without LLM weights (`--quick`): icl_regression.py's in-context linear-regression
-# transformer (pretrained on w ~ N(0, I)) meets tasks it never saw, w ~ N(w_shift, I), with k demonstrations each.
-# Every method above runs unchanged on it; the score is the squared error on fresh queries of the same task.
-
-ABLATION = {"ct-kv (leave-one-out + dropout)": (True, True), "ct-kv (leave-one-out only)": (True, False),
-            "ct-kv (dropout only)": (False, True), "ct-kv (neither)": (False, False)}
-
-
-@torch.no_grad()
-def regression_episode(io: RegressionIO, xs, ys) -> Episode:
-    """k demonstrations (x_i, y_i) -> tokens x_i, y_i; the x_i position predicts y_i, the y_i position nothing."""
-    embeds = io.embed(xs[None], ys[None])[0]
-    in_loss = torch.tensor([True, False])
-    demos = [Demo(embeds[2 * i:2 * i + 2], torch.stack([ys[i], ys.new_zeros(())]), in_loss) for i in range(len(xs))]
-    return Episode(Demo(embeds[:0], ys[:0], in_loss[:0]), demos)
-
-
-def quick_runs(q: CTQuickConfig, dim: int) -> dict:
-    """{run name: (method, TuneConfig)}: every method, and CT-KV without leave-one-out and/or dropout."""
-    # prompt/prefix tuning get as many trainable positions as the demonstrations fill (2k tokens): the same capacity
-    # as CT-Prompt/CT-KV, and inside the context length the backbone was pretrained on
-    base = TuneConfig(steps=q.steps, lr=q.lr, lora_lr=q.lora_lr, dropout=q.dropout, prompt_len=2 * q.k,
-                      lora_rank=min(64, dim), progress=False)
-    runs = {m: (m, base) for m in METHODS}
-    runs.update({name: ("ct-kv", replace(base, leave_one_out=loo, dropout=q.dropout * drop))
-                 for name, (loo, drop) in ABLATION.items() if (loo, drop) != (True, True)})  # = "ct-kv" itself
-    return runs
-
-
-def quick_seed(reg, q: CTQuickConfig, runs: dict, seed: int, bar) -> dict:
-    """{run name: {"mse": [per task], "nmse": [per task]}} on q.tasks_per_seed fresh tasks of one seed.
-    mse: squared error over the task's queries; nmse: the same divided by the task's mean squared label, so that
-    averaged over tasks every task weighs the same (as accuracy does in the paper's tables)."""
-    io, model = RegressionIO(reg), reg.backbone
-    errors = {name: {"mse": [], "nmse": []} for name in runs}
-    for t in range(q.tasks_per_seed):
-        task = icl.sample_tasks("shifted-linear", 1, q.k + q.queries_per_task, reg.n_dims,
-                                icl.generator("cpu", seed, "context-tuning", t), w_shift=q.w_shift)
-        xs, ys = task.xs[0], task.values()[0]
-        ep = regression_episode(io, xs[:q.k], ys[:q.k])
-        label_power = ys[q.k:].pow(2).mean().item()
-        for name, (method, cfg) in runs.items():
-            answer_model, prefix_kv = adapt(method, model, io, ep, replace(cfg, seed=seed * 1000 + t))
-            mse = regression_mse(answer_model, io, prefix_kv, xs[q.k:], ys[q.k:])
-            errors[name]["mse"].append(mse)
-            errors[name]["nmse"].append(mse / label_power)
-            bar.update(1)
-    return errors
-
-
-def quick_experiment(reg, q: CTQuickConfig, progress: bool = True) -> dict:
-    """{run name: {"mse", "mse_std", "mse_per_seed", "nmse", "nmse_std", "nmse_per_seed", "tasks_better_than_icl"}}
-    (mean and sample std over seeds): every method and the leave-one-out/dropout ablation on the same tasks (per seed,
-    q.tasks_per_seed fresh tasks of k demonstrations)."""
-    runs = quick_runs(q, reg.backbone.cfg.dim)
-    per_seed = {name: {"mse": [], "nmse": [], "wins": []} for name in runs}
-    bar = tqdm(total=q.seeds * q.tasks_per_seed * len(runs), desc="context tuning", disable=not progress)
-    for seed in range(q.seeds):
-        errors = quick_seed(reg, q, runs, seed, bar)
-        for name in runs:
-            for metric in ("mse", "nmse"):
-                per_seed[name][metric].append(sum(errors[name][metric]) / q.tasks_per_seed)
-            # paired with ICL on the same task: the share of tasks where the method's error is lower
-            per_seed[name]["wins"] += [e < i for e, i in zip(errors[name]["mse"], errors["icl"]["mse"])]
-    bar.close()
-    per_seed["ct-kv (leave-one-out + dropout)"] = per_seed["ct-kv"]
-    results = {}
-    for name, values in per_seed.items():
-        results[name] = {}
-        for metric in ("mse", "nmse"):
-            mean, std = icl.mean_std(values[metric])
-            results[name].update({metric: mean, f"{metric}_std": std, f"{metric}_per_seed": values[metric]})
-        results[name]["tasks_better_than_icl"] = sum(values["wins"]) / len(values["wins"])
-    return results
-
-
-def run_quick(out, q: CTQuickConfig):
-    torch.set_num_threads(1)  # tiny matrices: one thread beats two (and shares a busy machine better)
-    out = Path(out or "runs/context_tuning")
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    reg, meta = quick_backbone(out)
-    print(f"backbone ready ({time.time() - start:.0f}s); {q.seeds} seeds x {q.tasks_per_seed} tasks, k = {q.k}, "
-          f"w ~ N({q.w_shift}, I_{reg.n_dims})")
-    results = quick_experiment(reg, q)
-    write_text(out / "results.json", json.dumps(results, indent=1))
-    write_text(out / "quick_config.json", json.dumps({**asdict(q), "seconds": round(time.time() - start, 1),
-                                                      "backbone": meta["config"], "quality": meta.get("quality")}))
-    print(f"mean +- std over {q.seeds} seeds")
-    print(f"{'method':34s} {'mse':>18s} {'nmse':>18s}  tasks better than ICL")
-    for name, r in results.items():
-        print(f"{name:34s} {r['mse']:9.3f} +- {r['mse_std']:5.3f} {r['nmse']:9.4f} +- {r['nmse_std']:.4f}  "
-              f"{r['tasks_better_than_icl']:.0%}")
-    print(f"wrote {out / 'results.json'} ({time.time() - start:.0f}s)")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI: flags generated from CTRunConfig, TuneConfig and CTQuickConfig (config_flags.py), so each default lives in one
-# dataclass field.
+# CLI: flags generated from CTRunConfig, TuneConfig (--recipe picks its base values) and CTQuickConfig
+# (config_flags.py), so each default lives in one dataclass field.
 
 
 @dataclass
 class CTRunConfig:
     checkpoint: str | None = option(None, "Hugging Face Llama folder (config.json + safetensors)")
-    tokenizer: str | None = option(None, "sentencepiece tokenizer.model (default: the checkpoint folder's)")
+    model: str | None = option(None, "a model by name (llama2-7b, llama3.2-1b, ... or a Hugging Face repository id), "
+                                     "found in --model-dir, the Hugging Face cache or as a path (never downloaded)")
+    model_dir: str | None = option(None, "folder of model folders searched first for --model")
+    random_init: bool = option(False, "--model PRESET with random weights (benchmarks; needs --tokenizer)")
+    adapter: str | None = option(None, "PEFT LoRA adapter folder, merged into the model before anything runs")
+    tokenizer: str | None = option(None, "tokenizer.model / tokenizer.json (default: the model folder's)")
+    memory_check: bool = option(True, "refuse a model that does not fit in the device's memory, before loading it")
+    bos: bool = option(True, "start every context with BOS, never dropped or trained (--no-bos: marc's layout, which "
+                             "has no BOS anywhere)")
+    recipe: str = option("nlp", "marc's settings of a benchmark, the base of every method flag", choices=list(RECIPES))
     tasks: str = option("multifin-en", f"a task JSONL file, or a shared data set: {', '.join(TEXT_TASKS)}")
     data_dir: str = option(str(bd.DEFAULT_DATA_DIR), "folder of the shared data sets")
     k: int = option(16, "demonstrations per task (shared data sets)")
@@ -588,23 +195,39 @@ class CTRunConfig:
     max_new_tokens: int = option(32, "greedy answers to queries without options")
     truncate_demos: bool = option(False, "drop the earliest demonstrations (with a warning) when the context is too "
                                          "long")
-    out: str | None = option(None, "results: a JSONL file (resumed when it exists); with --quick, a folder")
+    out: str | None = option(None, "results: a JSONL file (resumed when it exists); with --quick / --reproduce a "
+                                   "folder (resumed with the same settings, refused with others)")
     quick: bool = option(False, "synthetic reproduction on the in-context regression transformer (CPU, minutes)")
+    reproduce: str | None = option(None, "the synthetic reproduction at another scale (full: the GPU run)",
+                                   choices=list(CT_REPRODUCTIONS))
+    budget: float | None = option(None, "--reproduce: stop starting new work after this many seconds (resumable)")
+    compile: bool = option(False, "--reproduce: torch.compile the backbone's pretraining")
+    time: str | None = option(None, "per-task wall time of every method on random-weight Llama shapes (comma list of "
+                                    f"{', '.join(TIMING_SHAPES)}), a markdown table")
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     precision: str | None = option(None, "compute precision (default: bf16 on CUDA, fp32 on CPU)",
                                    choices=list(PRECISIONS))
 
 
 def read_results(path: Path) -> dict:
-    """Finished (task, method) results of an earlier run of the same --out file: a rerun resumes after them."""
+    """Finished (task, method) results of an earlier run of the same --out file: a rerun resumes after them. A last
+    line cut short by a killed run is dropped."""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; text tasks write a JSONL file")
     if not path.is_file():
         return {}
+    text = path.read_text()
+    lines = text.splitlines()
     done = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(lines, 1):
         try:
             r = json.loads(line)
             done[(r["task"], r["method"])] = r
         except (json.JSONDecodeError, KeyError, TypeError):
+            if lineno == len(lines) and not text.endswith("\n"):  # interrupted while appending
+                print(f"note: {path}:{lineno}: dropping an incomplete last line", file=sys.stderr)
+                write_text(path, "".join(f"{x}\n" for x in lines[:-1]))
+                break
             raise ValueError(f"{path}:{lineno}: not a results line of this script; pass another --out") from None
     return done
 
@@ -617,61 +240,127 @@ def write_task_file(path, tasks: list[Task]):
     print(f"wrote {len(tasks)} task(s), {sum(len(t.queries) for t in tasks)} queries, to {path}")
 
 
+def model_folder(run: CTRunConfig) -> Path | None:
+    """The checkpoint folder to load (None: random weights), from --checkpoint or --model."""
+    if run.checkpoint and run.model:
+        raise ValueError("pass one of --checkpoint and --model, not both")
+    if not (run.checkpoint or run.model):
+        raise ValueError("--checkpoint is required to run a method, or --model NAME (or use --write-tasks / --quick)")
+    if run.random_init:
+        if run.model not in MODEL_PRESETS:
+            raise ValueError(f"--random-init needs --model with a preset shape: {', '.join(MODEL_PRESETS)}")
+        if not run.tokenizer:
+            raise ValueError("--random-init: pass --tokenizer FILE (random weights come with no tokenizer)")
+        return None
+    folder = Path(run.checkpoint) if run.checkpoint else resolve_model(run.model, run.model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {folder}: no config.json (expected a Hugging Face Llama folder)")
+    return folder
+
+
+def load_text_model(run: CTRunConfig, methods):
+    """(model in eval mode, tokenizer): memory checked before anything is allocated, the --adapter merged in."""
+    folder = model_folder(run)
+    cfg = ModelConfig.from_name(run.model) if folder is None else ModelConfig.from_hf(folder)
+    print(f"model: {run.model} with random weights (--random-init)" if folder is None else f"model: {folder}")
+    tok = Tokenizer.resolve(run.tokenizer, folder)
+    dtype = PRECISIONS[run.precision or default_precision(run.device)]
+    if run.memory_check:  # the weights and scoring's activations; TTT adapts a copy of the weights, with LoRA states
+        ttt = any(m.startswith("ttt") for m in methods)
+        copy_bytes = cfg.num_params() * torch.empty(0, dtype=dtype).element_size() if ttt else 0
+        check_memory(inference_bytes(cfg, dtype) + copy_bytes, run.device,
+                     "would fit: --precision bf16, a device with more memory" + (", or a method without TTT" * ttt))
+    model = create_model(cfg, run.device, dtype, seed=0) if folder is None else load_pretrained(folder, run.device,
+                                                                                               dtype)
+    if run.adapter:
+        load_peft_adapter(model, run.adapter, merge=True)
+        print(f"adapter: {run.adapter} merged")
+    tok.check_vocab(model.cfg.vocab_size)
+    return model.eval().requires_grad_(False), tok
+
+
 def run_text_tasks(run: CTRunConfig, cfg: TuneConfig):
     tasks = (load_tasks(run.tasks) if run.tasks.endswith(".jsonl")
              else make_tasks(run.tasks, run.data_dir, run.k, cfg.seed, run.max_queries))
     if run.write_tasks:
         return write_task_file(run.write_tasks, tasks)
-    if not run.checkpoint:
-        raise ValueError("--checkpoint is required to run a method (or use --write-tasks / --quick)")
-    tok = Tokenizer.resolve(run.tokenizer, run.checkpoint)
-    model = load_pretrained(run.checkpoint, run.device, PRECISIONS[run.precision or default_precision(run.device)])
-    tok.check_vocab(model.cfg.vocab_size)
-    io = TokenIO(model.eval())
     methods = METHODS if run.method == "all" else (run.method,)
     out = Path(run.out or "context_tuning_results.jsonl")
     done = read_results(out)
+    model, tok = load_text_model(run, methods)
+    io = TokenIO(model)
     for task in tasks:
-        ep = token_episode(model, tok, task, run.truncate_demos)
+        ep, ttt = token_episode(model, tok, task, run.truncate_demos, run.bos), None
         for method in methods:
             if (task.name, method) in done:
                 print(f"{task.name} {method}: done in {out}, skipping")
                 continue
             start = time.time()
-            answer_model, prefix_kv = adapt(method, model, io, ep, cfg)
+            adapted = adapt_tasks(method, model, io, [ep], cfg, ttt if method == "ttt+ct-kv" else None)
             tuned = time.time() - start
-            accuracy = evaluate_task(answer_model, tok, prefix_kv, task, run.max_new_tokens)
+            accuracy = evaluate_task(adapted.model, tok, adapted.prefix_kv, task, run.max_new_tokens)
             result = {"task": task.name, "method": method, "k": len(ep.demos), "accuracy": accuracy,
-                      "n_queries": len(task.queries), "tune_seconds": round(tuned, 2), "config": asdict(cfg)}
+                      "n_queries": len(task.queries), "tune_seconds": round(tuned, 2), "recipe": run.recipe,
+                      "bos": run.bos, "config": asdict(cfg)}
             with open(out, "a") as f:  # one line per finished (task, method): a killed run resumes after it
                 f.write(json.dumps(result) + "\n")
             print(f"{task.name} {method}: accuracy {accuracy:.4f} ({len(task.queries)} queries, tuned {tuned:.1f}s)")
-            del answer_model, prefix_kv
+            ttt = adapted if method == "ttt" else None  # ttt+ct-kv continues from TTT's model (marc: saved adapters)
+            del adapted
+
+
+POSITIVE = ("k", "prompt_len", "ttt_rank", "ttt_permutations", "batch_size", "prompt_batch_size", "ttt_batch_size",
+            "seeds", "max_new_tokens")
+NON_NEGATIVE = ("steps", "ct_prompt_steps", "prompt_tuning_steps", "prefix_tuning_steps", "ttt_steps", "ttt_kv_steps",
+                "max_queries", "micro_batch")
+RATES = ("dropout", "ct_prompt_dropout", "prompt_tuning_dropout", "prefix_tuning_dropout", "ttt_dropout")
+POSITIVE_REALS = ("lr", "ct_prompt_lr", "prompt_tuning_lr", "prefix_tuning_lr", "ttt_lr", "ttt_alpha", "budget")
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def check_ranges(args):
-    for name in ("k", "steps", "prompt_len", "lora_rank", "seeds"):
+    """Every numeric flag in its range, in one line naming it."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    for name in POSITIVE + NON_NEGATIVE:
         value = getattr(args, name, None)
-        if value is not None and value < (0 if name == "steps" else 1):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {value}")
-    if not 0 <= getattr(args, "dropout", 0.0) < 1:
-        raise SystemExit(f"error: --dropout must be in [0, 1), got {args.dropout}")
+        if value is not None and value < (1 if name in POSITIVE else 0):
+            raise ValueError(f"{flag(name)} must be {'positive' if name in POSITIVE else '>= 0'}, got {value}")
+    for name in RATES:
+        if not 0 <= getattr(args, name, 0.0) < 1:
+            raise ValueError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
+    for name in POSITIVE_REALS:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag(name)} must be a positive number, got {value}")
+    unknown = [t for t in getattr(args, "ttt_targets", TTT_TARGETS).split(",") if t not in LORA_PROJECTIONS]
+    if unknown:
+        raise ValueError(f"--ttt-targets: {', '.join(map(repr, unknown))} not among {', '.join(LORA_PROJECTIONS)}")
+    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+
+
+class CTArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; the project's rule is one line
+        raise SystemExit(f"error: {message} (see --help)")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = CTArgumentParser(description=__doc__.split("\n")[0])
     add_config_flags(parser, CTRunConfig)
     add_config_flags(parser, TuneConfig)
     add_config_flags(parser, CTQuickConfig)
     args = parser.parse_args(argv)
-    check_ranges(args)
-    run = config_from_args(CTRunConfig, args)
     try:
-        if run.quick:  # reads only --seeds: the experiment's other settings are CTQuickConfig's, not the text flags
-            run_quick(run.out, CTQuickConfig(seeds=args.seeds) if "seeds" in args else CTQuickConfig())
-        else:
-            run_text_tasks(run, config_from_args(TuneConfig, args))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        check_ranges(args)
+        run = config_from_args(CTRunConfig, args)
+        if run.time:
+            return run_timing(run.time, run.device, run.out)
+        if run.quick or run.reproduce:  # reads only --seeds: the rest is the preset's (CTQuickConfig), not text flags
+            q = reproduction_config("quick" if run.quick else run.reproduce, args.seeds if "seeds" in args else None)
+            return run_reproduction(run.out or "runs/context_tuning", q, "cpu" if run.quick else run.device,
+                                    run.budget or math.inf, run.compile)
+        run_text_tasks(run, config_from_args(TuneConfig, args, base=RECIPES[run.recipe]))
+    except (ValueError, OSError, FolderInUse) as e:
         raise SystemExit(f"error: {e}")
 
 

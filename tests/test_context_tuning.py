@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import context_tuning as ct
+import ct_methods as cm
 import ct_regression
+import ct_reproduction
 import icl_regression
 import scoring
 from conftest import SHARED_DATA, tiny_cfg
@@ -61,8 +63,8 @@ def test_gradient_of_pair_i_wrt_demo_i_kv_is_zero(setup):
     generator = torch.Generator().manual_seed(0)
     for i in range(len(ep.demos)):
         rows = torch.tensor([i])
-        dropped = ct.dropout_mask(1, spans[-1, 1].item(), 0.1, generator, "cpu")
-        loss = ct.kv_pair_losses(model, io := ct.TokenIO(model), pairs, rows, kv, spans, dropped).sum()
+        dropped = cm.dropout_mask(1, spans[-1, 1].item(), 0.1, generator, "cpu")
+        loss = cm.kv_pair_losses(model, io := ct.TokenIO(model), pairs, rows, kv, spans, dropped).sum()
         grads = torch.autograd.grad(loss, [t for layer in kv for t in layer])
         s, e = spans[i].tolist()
         for g in grads:
@@ -71,7 +73,7 @@ def test_gradient_of_pair_i_wrt_demo_i_kv_is_zero(setup):
     # CT-Prompt's strict leave-one-out: demonstration i's embeddings get no gradient from pair i either.
     prompt = ep.context().clone().requires_grad_()
     for i in range(len(ep.demos)):
-        loss = ct.prompt_pair_losses(model, io, pairs, torch.tensor([i]), prompt, spans).sum()
+        loss = cm.prompt_pair_losses(model, io, pairs, torch.tensor([i]), prompt, spans).sum()
         (g,) = torch.autograd.grad(loss, prompt)
         s, e = spans[i].tolist()
         assert torch.equal(g[:, s:e], torch.zeros_like(g[:, s:e])) and g.abs().sum() > 0
@@ -80,9 +82,9 @@ def test_gradient_of_pair_i_wrt_demo_i_kv_is_zero(setup):
 def test_dropout_hits_only_prefix_positions_at_rate_p(setup):
     generator = torch.Generator().manual_seed(0)
     P, T, p = 50, 7, 0.1
-    dropped = ct.dropout_mask(400, P, p, generator, "cpu")
+    dropped = cm.dropout_mask(400, P, p, generator, "cpu")
     assert dropped.shape == (400, P) and abs(dropped.float().mean().item() - p) < 0.01
-    assert ct.dropout_mask(4, P, 0.0, generator, "cpu") is None
+    assert cm.dropout_mask(4, P, 0.0, generator, "cpu") is None
     mask = MaskLayout(AttentionMask(dropped=dropped), prefix_len=P)
     b, q, kv = torch.arange(400)[:, None, None], torch.arange(T)[None, :, None], torch.arange(P + T)[None, None, :]
     got = allowed(mask, b, q, kv)
@@ -96,11 +98,11 @@ def query_logits(model, prefix_kv, tok, text):
 
 def test_zero_steps_of_ct_kv_and_ct_prompt_reproduce_icl_exactly(setup):
     tok, model, task, ep = setup
-    cfg = ct.TuneConfig(steps=0, progress=False)
+    cfg = cm.TuneConfig(steps=0, ct_prompt_steps=0, progress=False)
     io = ct.TokenIO(model)
-    icl = query_logits(model, ct.adapt("icl", model, io, ep, cfg)[1], tok, "We treated inflammation")
+    icl = query_logits(model, cm.adapt("icl", model, io, ep, cfg)[1], tok, "We treated inflammation")
     for method in ("ct-kv", "ct-prompt"):
-        _, prefix_kv = ct.adapt(method, model, io, ep, cfg)
+        _, prefix_kv = cm.adapt(method, model, io, ep, cfg)
         assert torch.equal(query_logits(model, prefix_kv, tok, "We treated inflammation"), icl), method
     # ...and ICL through the prefix is the same computation as one pass over [context, query].
     query = tok.encode("We treated inflammation")
@@ -131,10 +133,10 @@ def test_training_pairs_sit_at_positions_from_P(setup):
     _, model, _, ep = setup
     io, pairs = ct.TokenIO(model), ep.pairs()
     kv = prefill(model, embeds=ep.context())
-    losses = ct.kv_pair_losses(model, io, pairs, torch.arange(len(ep.demos)), kv)
+    losses = cm.kv_pair_losses(model, io, pairs, torch.arange(len(ep.demos)), kv)
     for i, demo in enumerate(ep.demos):
         hidden = model.hidden_states(embeds=torch.cat([ep.context()[0], demo.embeds])[None])[:, -len(demo.embeds):]
-        expected = ct.row_losses(io, hidden, demo.targets[None], demo.in_loss[None])
+        expected = cm.row_losses(io, hidden, demo.targets[None], demo.in_loss[None])
         torch.testing.assert_close(losses[i:i + 1], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -142,12 +144,13 @@ def test_methods_train_and_leave_the_model_untouched(setup):
     tok, model, task, ep = setup
     io, pairs, rows = ct.TokenIO(model), ep.pairs(), torch.arange(len(ep.demos))
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    cfg = ct.TuneConfig(steps=15, lr=1e-2, lora_lr=1e-2, dropout=0.0, leave_one_out=False, progress=False)
-    start = ct.kv_pair_losses(model, io, pairs, rows, prefill(model, embeds=ep.context())).mean()
-    for method in ct.METHODS:
-        answer_model, prefix_kv = ct.adapt(method, model, io, ep, cfg)
+    cfg = cm.TuneConfig(steps=15, lr=1e-2, ttt_lr=1e-2, dropout=0.0, leave_one_out=False, progress=False,
+                        ct_prompt_steps=15, prompt_tuning_steps=15, prefix_tuning_steps=15, ttt_steps=15, ttt_kv_steps=15)
+    start = cm.kv_pair_losses(model, io, pairs, rows, prefill(model, embeds=ep.context())).mean()
+    for method in cm.METHODS:
+        answer_model, prefix_kv = cm.adapt(method, model, io, ep, cfg)
         if method in ("ct-kv", "ttt+ct-kv", "ttt"):
-            tuned = ct.kv_pair_losses(answer_model, io, pairs, rows, prefix_kv).mean()
+            tuned = cm.kv_pair_losses(answer_model, io, pairs, rows, prefix_kv).mean()
             assert tuned < start, method  # training on the pairs (no leave-one-out here) lowers their loss
         assert 0.0 <= ct.evaluate_task(answer_model, tok, prefix_kv, task, 4, progress=False) <= 1.0
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # TTT adapts a copy
@@ -157,7 +160,7 @@ def test_bf16_keeps_fp32_master_kv(setup):
     tok, model, task, _ = setup
     bf16 = create_model(model.cfg, dtype=torch.bfloat16, seed=0).eval()
     ep = ct.token_episode(bf16, tok, task)
-    prefix = ct.adapt("ct-kv", bf16, ct.TokenIO(bf16), ep, ct.TuneConfig(steps=2, progress=False))[1]
+    prefix = cm.adapt("ct-kv", bf16, ct.TokenIO(bf16), ep, cm.TuneConfig(steps=2, progress=False))[1]
     assert prefix[0][0].dtype == torch.bfloat16 and prefix[0][0].shape[0] == 1  # one shared prefix, not per row
 
 
@@ -249,15 +252,15 @@ def test_regression_backbone_icl_matches_synthetic_forward_and_quick_experiment_
     io = ct_regression.RegressionIO(reg)
     task = icl_regression.sample_tasks("shifted-linear", 1, 5, reg.n_dims, icl_regression.generator("cpu", 0, "t"))
     xs, ys = task.xs[0], task.values()[0]
-    ep = ct.regression_episode(io, xs[:4], ys[:4])
-    _, prefix_kv = ct.adapt("icl", reg.backbone, io, ep, ct.TuneConfig(progress=False))
+    ep = ct_regression.regression_episode(io, xs[:4], ys[:4])
+    _, prefix_kv = cm.adapt("icl", reg.backbone, io, ep, cm.TuneConfig(progress=False))
     hidden = reg.backbone.hidden_states(embeds=io.embed(xs[None, 4:], ys[None, 4:] * 0)[:, :1], prefix_kv=prefix_kv)
     torch.testing.assert_close(reg.read_out(hidden)[0, 0, 0], reg(xs[None], ys[None])[0, -1], atol=1e-5, rtol=1e-5)
     assert ct_regression.regression_mse(reg.backbone, io, prefix_kv, xs[4:], ys[4:]) == pytest.approx(
         (reg(xs[None], ys[None])[0, -1] - ys[4]).item() ** 2, rel=1e-4)
-    q = ct_regression.CTQuickConfig(k=3, tasks_per_seed=1, queries_per_task=4, seeds=2, steps=2)
-    results = ct.quick_experiment(reg, q, progress=False)
-    assert set(results) == set(ct.METHODS) | set(ct.ABLATION)
+    q = ct_regression.CTQuickConfig(ks=[3], tasks_per_seed=1, queries_per_task=4, seeds=2, steps=2)
+    results = ct_reproduction.quick_experiment(reg, q, progress=False)
+    assert set(results) == set(cm.METHODS) | set(ct_reproduction.ABLATION)
     for name, r in results.items():
         assert len(r["mse_per_seed"]) == 2 and math.isfinite(r["mse"]) and math.isfinite(r["mse_std"]), name
-    assert results == ct.quick_experiment(reg, q, progress=False)  # seeded: TTT's adapters and dropout included
+    assert results == ct_reproduction.quick_experiment(reg, q, progress=False)  # seeded: TTT's adapters and dropout included

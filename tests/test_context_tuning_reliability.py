@@ -1,0 +1,194 @@
+"""context_tuning.py on bad input: one line `error: ...`, a non-zero exit and nothing written; and the resumable
+reproduction folder (--quick / --reproduce): resumed with the same settings, refused with others, never replaced."""
+import dataclasses
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import context_tuning as ct
+import ct_reproduction
+import hf_checkpoint
+import icl_regression
+from conftest import tiny_cfg
+from data import Tokenizer
+from hf_checkpoint import save_pretrained
+from lora import apply_lora, save_peft_adapter
+from model import create_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TASK = {"name": "toy", "demos": [{"input": "The patient reported", "output": "pain"},
+                                 {"input": "The drug reduced", "output": "the risk"}],
+        "queries": [{"input": "We treated", "output": "pain", "options": ["pain", "revenue"]}]}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_path):
+    """A tiny Hugging Face folder with its tokenizer, and a task file."""
+    root = tmp_path_factory.mktemp("ct_reliability")
+    model = create_model(tiny_cfg(Tokenizer(tokenizer_path).vocab_size), seed=0)
+    save_pretrained(model, root / "ckpt")
+    shutil.copy(tokenizer_path, root / "ckpt" / "tokenizer.model")
+    (root / "tasks.jsonl").write_text(json.dumps(TASK) + "\n")
+    return root
+
+
+def snapshot(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size if p.is_file() else -1) for p in folder.rglob("*"))
+
+
+def refused(argv, fragment, folder):
+    """main(argv) exits with one line `error: ...` holding `fragment`, and nothing under `folder` changed."""
+    before = snapshot(folder)
+    with pytest.raises(SystemExit) as e:
+        ct.main(argv)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message and fragment in message, message
+    assert snapshot(folder) == before
+    return message
+
+
+def text_args(root, *extra):
+    return ["--tasks", str(root / "tasks.jsonl"), "--out", str(root / "new" / "r.jsonl"), "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--k", "0"], "--k must be positive"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--ct-prompt-dropout", "-0.1"], "--ct-prompt-dropout must be in [0, 1)"),
+    (["--ttt-targets", "q_proj,foo_proj"], "--ttt-targets: 'foo_proj' not among"),
+    (["--ttt-alpha", "-1"], "--ttt-alpha must be a positive number"),
+    (["--ttt-rank", "0"], "--ttt-rank must be positive"),
+    (["--ttt-permutations", "0"], "--ttt-permutations must be positive"),
+    (["--steps", "-1"], "--steps must be >= 0"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--budget", "0"], "--budget must be a positive number"),
+    (["--recipe", "gsm8k"], "argument --recipe: invalid choice"),
+    (["--reduction", "mean"], "argument --reduction: invalid choice"),
+    (["--time", "9b"], "--time: unknown shape(s) 9b"),
+    (["--model", "nosuch-model"], "model nosuch-model: not found in"),
+    (["--model", "llama2-7b", "--random-init"], "--random-init: pass --tokenizer"),
+    (["--model", "my/model", "--random-init", "--tokenizer", "t.model"], "--random-init needs --model with a preset"),
+    (["--checkpoint", "/nonexistent/ckpt"], "no config.json"),
+])
+def test_bad_flags_are_one_line(checkpoint, extra, fragment):
+    refused(text_args(checkpoint, *extra), fragment, checkpoint)
+
+
+def test_bad_model_inputs_are_one_line(checkpoint, tmp_path, monkeypatch):
+    ckpt = str(checkpoint / "ckpt")
+    refused(text_args(checkpoint, "--checkpoint", ckpt, "--model", "llama2-7b"), "pass one of --checkpoint and --model",
+            checkpoint)
+    refused(text_args(checkpoint, "--checkpoint", ckpt, "--adapter", str(tmp_path / "none")),
+            "adapter_config.json: no such file", checkpoint)
+    refused(text_args(checkpoint, "--checkpoint", ckpt, "--device", "cuda"), "--device cuda: CUDA is not available",
+            checkpoint) if not torch.cuda.is_available() else None
+    # the memory check refuses before anything is allocated
+    monkeypatch.setattr(hf_checkpoint, "available_bytes", lambda device: 2**20)
+    refused(text_args(checkpoint, "--checkpoint", ckpt), "not enough memory on cpu", checkpoint)
+    refused(text_args(checkpoint, "--model", "llama2-7b", "--random-init", "--tokenizer",
+                      str(checkpoint / "ckpt" / "tokenizer.model")), "not enough memory on cpu", checkpoint)
+
+
+def test_results_file_edge_cases(checkpoint, tmp_path, capsys):
+    ckpt = str(checkpoint / "ckpt")
+    argv = ["--checkpoint", ckpt, "--tasks", str(checkpoint / "tasks.jsonl"), "--method", "icl", "--device", "cpu"]
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("not json\n{}\n")
+    refused([*argv, "--out", str(garbage)], "garbage.jsonl:1: not a results line", tmp_path)
+    refused([*argv, "--out", str(tmp_path)], "is a folder; text tasks write a JSONL file", tmp_path)
+    # a last line cut short by a killed run is dropped, and the run resumes
+    out = tmp_path / "r.jsonl"
+    ct.main([*argv, "--out", str(out)])
+    finished = out.read_text()
+    out.write_text(finished + '{"task": "toy", "meth')
+    ct.main([*argv, "--out", str(out), "--method", "ct-kv", "--steps", "1"])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in lines] == ["icl", "ct-kv"] and "incomplete last line" in capsys.readouterr().err
+
+
+def test_adapter_flag_loads_a_peft_folder(checkpoint, tmp_path):
+    ckpt = checkpoint / "ckpt"
+    model = create_model(tiny_cfg(Tokenizer(str(ckpt / "tokenizer.model")).vocab_size), seed=0)
+    apply_lora(model, rank=2, alpha=4.0, targets=("q_proj", "down_proj"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_()
+    save_peft_adapter(model, tmp_path / "adapter")
+    out = tmp_path / "r.jsonl"
+    ct.main(["--checkpoint", str(ckpt), "--adapter", str(tmp_path / "adapter"), "--tasks",
+             str(checkpoint / "tasks.jsonl"), "--method", "icl", "--out", str(out), "--device", "cpu"])
+    assert json.loads(out.read_text())["method"] == "icl"
+    bad = tmp_path / "bad_adapter"
+    shutil.copytree(tmp_path / "adapter", bad)
+    (bad / "adapter_config.json").write_text("{")
+    refused(["--checkpoint", str(ckpt), "--adapter", str(bad), "--tasks", str(checkpoint / "tasks.jsonl"),
+             "--out", str(tmp_path / "other.jsonl"), "--device", "cpu"], "adapter_config.json: not valid JSON",
+            tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished `--reproduce tiny` run, on an untrained test-sized backbone saved as if pretrained (the run reuses a
+    finished OUT/pretrain; pretraining itself is icl_regression's, tested there)."""
+    out = tmp_path_factory.mktemp("ct_tiny") / "run"
+    cfg = icl_regression.REGRESSION_PRESETS["test"]
+    meta = {"kind": "pretrain", "n_dims": cfg.n_dims, "model_config": dataclasses.asdict(cfg.model_config()),
+            "config": dataclasses.asdict(cfg), "seed": 0, "step": 0, "done": True, "history": []}
+    icl_regression.save_regression_checkpoint(out / "pretrain", icl_regression.build_regression_model(cfg, 0), meta)
+    ct.main(["--reproduce", "tiny", "--out", str(out), "--device", "cpu"])
+    return out
+
+
+def test_reproduction_resumes_and_never_replaces_foreign_results(tiny_run, tmp_path, capsys):
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert set(results) == {"shifted/k2", "shifted/k3", "offset/k2", "offset/k3"}
+    for cell in results.values():
+        for stats in cell.values():
+            assert stats["seeds"] == 2 and stats["tasks"] == 4 and "mse_ci95" in stats and "mse_minus_icl_ci95" in stats
+    # resume: delete some finished runs, run again: only they are recomputed, and the results are the same
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    records = json.loads((copy / "records.json").read_text())
+    dropped = [key for key in records["runs"] if "/seed1/" in key and key.endswith("/ttt+ct-kv")]
+    for key in dropped:
+        del records["runs"][key]
+    (copy / "records.json").write_text(json.dumps(records))
+    ct.main(["--reproduce", "tiny", "--out", str(copy), "--device", "cpu"])
+    assert json.loads((copy / "results.json").read_text()) == results
+    # other settings in the folder: refused; results.json of something else: never replaced
+    records["config"]["steps"] = 99
+    (copy / "records.json").write_text(json.dumps(records))
+    refused(["--reproduce", "tiny", "--out", str(copy)], "holds a run with other settings (steps)", copy)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.json").write_text('{"mine": 1}')
+    refused(["--quick", "--out", str(foreign)], "results.json exists", foreign)
+    (tmp_path / "file").write_text("x")
+    refused(["--quick", "--out", str(tmp_path / "file")], "is a file", tmp_path)
+    (copy / "records.json").write_text("[1, 2")
+    refused(["--reproduce", "tiny", "--out", str(copy)], "not a records file", copy)
+
+
+def test_a_folder_in_use_is_refused(tiny_run, tmp_path):
+    busy = tmp_path / "busy"
+    shutil.copytree(tiny_run, busy)
+    (busy / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now"}))
+    message = refused(["--reproduce", "tiny", "--out", str(busy)], "is in use by another", busy)
+    assert str(os.getpid()) in message
+
+
+def test_more_seeds_continue_a_finished_run(tiny_run, tmp_path):
+    more = tmp_path / "more"
+    shutil.copytree(tiny_run, more)
+    ct.main(["--reproduce", "tiny", "--seeds", "3", "--out", str(more), "--device", "cpu"])
+    results = json.loads((more / "results.json").read_text())
+    assert all(s["seeds"] == 3 and s["tasks"] == 6 for cell in results.values() for s in cell.values())
+    assert json.loads((more / "records.json").read_text())["lrs"] == json.loads(
+        (tiny_run / "records.json").read_text())["lrs"]  # the sweep is not redone
+    assert ct_reproduction.t_quantile_975(5) == pytest.approx(2.5706, abs=2e-3)
+    assert ct_reproduction.t_quantile_975(30) == pytest.approx(2.0423, abs=1e-3)
