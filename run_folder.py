@@ -69,9 +69,9 @@ def claimed_folder(path, env, what: str = "cft.py run"):
                 error, lock = str(e), None
             except OSError as e:
                 error, lock = f"--out {path}: cannot write there ({e.strerror or e})", None
-    if env.sum([float(error is not None)])[0]:
-        raise ValueError(error or f"--out {path}: refused on rank 0")
     try:
+        if env.sum([float(error is not None)])[0]:
+            raise ValueError(error or f"--out {path}: refused on rank 0")
         yield path
     finally:
         if lock is not None:
@@ -126,30 +126,40 @@ def finished(folder) -> bool:
     return (Path(folder) / "final").is_dir()
 
 
+def describe(folder) -> str:
+    """Where the run in FOLDER stands, in words: finished, stopped at step-N, stopped before its first checkpoint,
+    not started (absent or empty), or not a run folder."""
+    folder = Path(folder)
+    if finished(folder):
+        return "finished"
+    if (folder / "config.json").is_file():
+        ckpt = latest_checkpoint(folder)
+        return f"stopped at {ckpt.name}" if ckpt else "stopped before its first checkpoint"
+    return "not a run folder" if _contents(folder) else "not started"
+
+
 def plan_start(folder, resume: bool) -> Path | str:
     """What a run may do with FOLDER: "start" (fresh), "finished" (skip it), a checkpoint to resume from, or "restart"
     (--resume of a run that stopped before its first checkpoint: step 0, same settings). Otherwise a ValueError
     saying what to do. (A --resume of a folder that does not exist is refused by the caller before it is created.)"""
     folder = Path(folder)
-    has_config = (folder / "config.json").is_file()
+    state = describe(folder)
     if not resume:
-        if finished(folder):
+        if state == "finished":
             raise ValueError(f"--out {folder} holds a finished run ({folder / 'final'}); choose a new --out")
-        if has_config:
-            ckpt = latest_checkpoint(folder)
-            where = f"stopped at {ckpt.name}" if ckpt else "stopped before its first checkpoint"
-            todo = "continue it" if ckpt else "start it again from step 0 with the same settings"
-            raise ValueError(f"--out {folder} holds a run that {where}; pass --resume to {todo}, or choose a new --out")
-        if _contents(folder):
+        if state.startswith("stopped"):
+            todo = "continue it" if "step-" in state else "start it again from step 0 with the same settings"
+            raise ValueError(f"--out {folder} holds a run that {state}; pass --resume to {todo}, or choose a new --out")
+        if state == "not a run folder":
             raise ValueError(f"--out {folder} exists and is not empty; choose a new folder")
         return "start"
-    if finished(folder):
+    if state == "finished":
         return "finished"
-    if not has_config:
-        if _contents(folder):
-            raise ValueError(f"--resume: {folder} is not a cft.py run folder (no config.json); pass the run's own "
-                             f"--out, or leave out --resume to start a new run in an empty folder")
-        return "start"  # begun but killed before it wrote anything: nothing to continue
+    if state == "not a run folder":
+        raise ValueError(f"--resume: {folder} is not a cft.py run folder (no config.json); pass the run's own --out, "
+                         f"or leave out --resume to start a new run in an empty folder")
+    if state == "not started":  # begun but killed before it wrote anything: nothing to continue
+        return "start"
     ckpt = latest_checkpoint(folder)
     if ckpt is None:
         return "restart"
@@ -158,18 +168,25 @@ def plan_start(folder, resume: bool) -> Path | str:
 
 
 def check_demo_folder(folder, method_folders: list[Path], resume: bool) -> None:
-    """The top folder of a demo (one folder per method inside). Without --resume it must be empty (a message saying
-    what it holds otherwise); with it, it may hold nothing but the method folders."""
+    """The top folder of a demo (one folder per method inside). Without --resume it must be empty (else a message
+    saying where each method stands and what to do); with it, it may hold nothing but the method folders."""
     folder = Path(folder)
+    names = {Path(m).name for m in method_folders}
+    foreign = sorted(set(_contents(folder)) - names)
     if resume:
-        foreign = sorted(set(_contents(folder)) - {Path(m).name for m in method_folders})
         if foreign:
-            raise ValueError(f"--resume: {folder} is not the folder of a cft.py demo run (it holds {foreign[0]}); pass "
-                             f"the run's own --out")
-    elif _contents(folder):
-        for method_folder in method_folders:
-            plan_start(method_folder, resume=False)  # says what a method folder holds, and what to do
-        raise ValueError(f"--out {folder} exists and is not empty; choose a new folder")
+            raise ValueError(f"--resume: {folder} is not the folder of a cft.py demo run (it holds {foreign[0]}); "
+                             f"pass the run's own --out")
+        return
+    if foreign or not _contents(folder):
+        if foreign:
+            raise ValueError(f"--out {folder} exists and is not empty; choose a new folder")
+        return
+    states = {Path(m).name: describe(m) for m in method_folders}
+    where = ", ".join(f"{name} {state}" for name, state in states.items())
+    if all(state == "finished" for state in states.values()):
+        raise ValueError(f"--out {folder} holds a finished run ({where}); choose a new --out")
+    raise ValueError(f"--out {folder} holds a run ({where}); pass --resume to continue it, or choose a new --out")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
