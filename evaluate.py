@@ -345,10 +345,11 @@ def requested_tasks(cfg: EvalConfig) -> list[str]:
         raise DataError("--compare-out goes with --compare")
     if cfg.log_samples and not cfg.out:
         raise DataError("--log-samples writes beside the results: pass --out FILE.json too")
-    if cfg.out and Path(cfg.out).exists():
-        raise DataError(f"--out {cfg.out} exists; refusing to overwrite it")
-    if cfg.log_samples:
-        check_new_path(samples_folder(cfg.out), "--log-samples")
+    if int(os.environ.get("RANK", 0)) == 0:  # the main rank claims --out; the others would see its placeholder
+        if cfg.out and Path(cfg.out).exists():
+            raise DataError(f"--out {cfg.out} exists; refusing to overwrite it")
+        if cfg.log_samples:
+            check_new_path(samples_folder(cfg.out), "--log-samples")
     return tasks
 
 

@@ -91,6 +91,20 @@ def test_model_name_resolves_through_model_dir_and_the_cache(tmp_path, tokenizer
 
 
 @needs_data
+def test_cli_with_a_model_from_the_hugging_face_cache(tmp_path, tokenizer_path, monkeypatch):
+    snapshot = tmp_path / "hub" / "models--meta-llama--Llama-2-7b-hf" / "snapshots" / "abc"
+    save_pretrained(create_model(tiny_cfg(), seed=0), snapshot, tokenizer=tokenizer_path)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    ev.main(["--model", "llama2-7b", "--tasks", "fiqa-sa", "--shots", "0", "--limit", "2", "--scoring", "loglik",
+             "--no-progress", "--out", str(tmp_path / "r.json")])
+    config = json.loads((tmp_path / "r.json").read_text())["config"]
+    assert config["checkpoint"] == str(snapshot) and config["tokenizer"] == str(snapshot / "tokenizer.model")
+    assert config["random_init"] is False and config["model"] == "llama2-7b"
+
+
+@needs_data
 def test_cli_end_to_end_on_a_tiny_random_model(tmp_path):
     out = tmp_path / "r.json"
     ev.main(RANDOM_TINY + ["--tasks", "mmlu-medical,fiqa-sa", "--shots", "0", "--limit", "1", "--out", str(out)])

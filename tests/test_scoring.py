@@ -151,3 +151,14 @@ def test_given_prefix_kv_matches_the_plain_path_over_the_whole_context(tokenizer
         assert torch.allclose(flat(fast), flat(plain), atol=1e-4), per_row_prefix
     with pytest.raises(ValueError, match="not both"):
         sc.score_options(model, encoded, prefix_kv=prefix_kv, soft_prompt=torch.zeros(2, model.cfg.dim))
+
+
+def test_too_long_warning_suggests_fewer_shots_only_when_the_caller_has_some(tokenizer_path, capsys):
+    tok = Tokenizer(tokenizer_path)
+    model = create_model(tiny_cfg(max_seq_len=8), seed=0).eval()
+    encoded = sc.encode_questions(tok, synthetic_questions()[:2])
+    sc.score_options(model, encoded, progress=False)
+    warning = capsys.readouterr().err
+    assert "past the model's max_seq_len 8" in warning and "shots" not in warning  # a 0-shot prompt: no such advice
+    sc.score_options(model, encoded, progress=False, too_long_advice="fewer --shots would fit")
+    assert "max_seq_len 8 (fewer --shots would fit)" in capsys.readouterr().err
