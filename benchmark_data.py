@@ -8,6 +8,10 @@ Tasks (read from a data folder laid out as ../shared/data; see DATA_LAYOUT), eac
   causal20      FinCausal 2020 sentences, causal/noise, FLARE prompt
   multifin      MultiFin English headlines, 6 high-level topics, FLARE prompt
 
+A --limit subset (select_questions) is the first N of each group or, as evaluate.py asks, a seeded random sample of
+each group, class-stratified for the classification tasks, the same at every k. Each Question keeps its doc_id (its
+index in the test file) for per-question result files.
+
 Every error for a missing or malformed file is a DataError naming the file, and the line as `path:line: message`.
 """
 import csv

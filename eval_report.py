@@ -272,7 +272,7 @@ def check_summary(path, name: str, s) -> None:
         check_summary(path, f"{name}/{subject}", sub)
 
 
-def read_result(path) -> dict:
+def read_result_file(path) -> dict:
     try:
         result = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -300,7 +300,7 @@ def read_result(path) -> dict:
 
 
 def compare_results(paths) -> tuple[str, list[dict]]:
-    results = [read_result(path) for path in paths]
+    results = [read_result_file(path) for path in paths]
     return markdown_table(results) + "\n\n" + comparison_table(results), results
 
 

@@ -103,7 +103,7 @@ class EvalConfig:
 # The model: real weights by name or folder (or random ones), a PEFT adapter, a soft prompt
 
 
-def model_folder(cfg: EvalConfig, verbose: bool) -> Path | None:
+def eval_model_folder(cfg: EvalConfig, verbose: bool) -> Path | None:
     """The Hugging Face folder to load (None for --random-init); prints which one a --model name resolved to."""
     if cfg.random_init:
         return None
@@ -343,6 +343,8 @@ def requested_tasks(cfg: EvalConfig) -> list[str]:
         raise DataError(f"--shots: the {cfg.suite} suite sets its own k; leave --shots out")
     if cfg.compare_out:
         raise DataError("--compare-out goes with --compare")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available")
     if cfg.log_samples and not cfg.out:
         raise DataError("--log-samples writes beside the results: pass --out FILE.json too")
     if int(os.environ.get("RANK", 0)) == 0:  # the main rank claims --out; the others would see its placeholder
@@ -381,7 +383,7 @@ def prepare(cfg: EvalConfig, tasks: list[str]) -> Prepared:
     cfg = replace(cfg, precision=cfg.precision or default_precision(device),
                   model=cfg.model or ("tiny" if cfg.random_init else None),
                   batch_tokens=cfg.batch_tokens or (16384 if device == "cuda" else 2048))
-    folder = model_folder(cfg, int(os.environ.get("RANK", 0)) == 0)
+    folder = eval_model_folder(cfg, int(os.environ.get("RANK", 0)) == 0)
     model_cfg = ModelConfig.from_name(cfg.model or "tiny") if folder is None else ModelConfig.from_hf(folder)
     tok = load_eval_tokenizer(cfg, folder)
     tok.check_vocab(model_cfg.vocab_size)

@@ -81,7 +81,7 @@ def test_model_name_resolves_through_model_dir_and_the_cache(tmp_path, tokenizer
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     save_pretrained(create_model(tiny_cfg(), seed=0), tmp_path / "models" / "Llama-2-7b-hf", tokenizer=tokenizer_path)
     cfg = ev.EvalConfig(model="llama2-7b", model_dir=str(tmp_path / "models"))
-    assert ev.model_folder(cfg, verbose=True) == tmp_path / "models" / "Llama-2-7b-hf"
+    assert ev.eval_model_folder(cfg, verbose=True) == tmp_path / "models" / "Llama-2-7b-hf"
     assert "model llama2-7b: using " in capsys.readouterr().err
     tok = ev.load_eval_tokenizer(cfg, tmp_path / "models" / "Llama-2-7b-hf")  # the folder's own tokenizer
     assert tok.vocab_size == 512

@@ -6,6 +6,7 @@ import os
 import socket
 
 import pytest
+import torch
 
 import eval_report as er
 import evaluate as ev
@@ -87,6 +88,7 @@ def test_bad_flags_are_one_line_and_write_nothing(tmp_path):
         (model + ["--batch-tokens", "0"], "--batch-tokens 0"),
         (model + ["--limit", "x"], "argument --limit: invalid int value: 'x'"),
         (model + ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        *([(model + ["--device", "cuda"], "--device cuda: no CUDA device")] if not torch.cuda.is_available() else []),
         (model + ["--precision", "fp8"], "argument --precision: invalid choice"),
         (model + ["--limit-mode", "last"], "argument --limit-mode: invalid choice"),
         (model + ["--suite", "icl", "--shots", "2"], "--shots: the icl suite sets its own k"),
