@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch.distributed.fsdp import register_fsdp_forward_method
 from tqdm import tqdm
 
 import data
-from atomic import commit_folder, staging_folder, staging_path, write_text
+from atomic import atomic_write, commit_folder, staging_folder, staging_path, write_text
 from benchmark_data import Question
 from config_flags import add_config_flags, config_from_args, option
 from data import Rows, Tokenizer
@@ -497,8 +497,9 @@ def save_final(lm: LanguageModel, tokenizer: Tokenizer, out: Path, env: Dist, cf
         kill_point("final-weights")
         soft = None if lm.soft_prompt is None else full_tensor(lm.soft_prompt)  # gathered by every rank
         if env.is_main:
-            if soft is not None:
-                save_file({"soft_prompt": soft.detach().float().cpu().contiguous()}, staged / "soft_prompt.safetensors")
+            if soft is not None:  # through atomic_write: the file follows the umask (save_file makes it 0600)
+                tensors = {"soft_prompt": soft.detach().float().cpu().contiguous()}
+                atomic_write(staged / "soft_prompt.safetensors", lambda f: f.write(safetensors_bytes(tensors)))
             write_text(staged / "result.json", json.dumps(result, indent=1))
             kill_point("final-staged")
             commit_folder(final)
@@ -559,12 +560,14 @@ def run_all(cfg: CFTConfig, env: Dist, inputs: Inputs, out: Path) -> tuple[list[
         check()  # before taking the lock, which creates the folder: a refused run leaves nothing behind
     except ValueError as e:
         fail(str(e))
+    env.barrier()  # every rank looks at the folder before rank 0 changes it, so all decide alike
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(claimed_folder(out, env))
             plan = check()  # again, holding the lock: another run may have started meanwhile
         except ValueError as e:
             fail(str(e))
+        env.barrier()
         results = [run_method(m, cfg, env, inputs, o, None if demo else plan) for m, o in zip(inputs.methods, outs)]
     return results, outs
 
@@ -578,6 +581,7 @@ def run_method(method: str, cfg: CFTConfig, env: Dist, inputs: Inputs, out: Path
                 plan = plan_start(out, cfg.resume)
             except ValueError as e:
                 fail(str(e))
+            env.barrier()
         if plan == "finished":
             if env.is_main:
                 print(f"{method}: finished earlier ({out / 'final'})")
@@ -589,6 +593,9 @@ def run_method(method: str, cfg: CFTConfig, env: Dist, inputs: Inputs, out: Path
 
 
 def train_method(method: str, cfg: CFTConfig, env: Dist, inputs: Inputs, out: Path, plan) -> dict:
+    started = time.perf_counter()
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)  # the demo's second method: its own peak
     record = asdict(replace(cfg, method=method))
     if plan != "start":
         try:
@@ -627,6 +634,9 @@ def train_method(method: str, cfg: CFTConfig, env: Dist, inputs: Inputs, out: Pa
         return result
     if inputs.questions is not None:
         result["after"] = mcq_accuracy(lm, inputs.tokenizer, inputs.questions, cfg, env)
+    result["seconds"] = round(time.perf_counter() - started, 1)  # build, evaluations and training; not the save
+    if env.device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2)
     save_final(lm, inputs.tokenizer, out, env, cfg, result)
     if env.is_main:
         shutil.rmtree(out / "selected", ignore_errors=True)  # --promot-select snapshots: final/ holds the best

@@ -139,7 +139,8 @@ def test_the_real_model_demo_uses_the_models_tokenizer_and_keeps_its_dtype(llama
         final = out / method / "final"
         assert json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
         assert stored_dtype(final) == "BF16" and (final / "tokenizer.model").is_file()
-        assert set(json.loads((final / "result.json").read_text())) == {"method", "before", "after", "loss"}
+        assert set(json.loads((final / "result.json").read_text())) == {"method", "before", "after", "loss",
+                                                                          "seconds"}
     quietly(["--checkpoint", str(llama_like), "--method", "cft", "--max-steps", "1", "--no-progress", "--out",
              str(tmp_path / "fp32"), "--cache-dir", str(tmp_path / "cache"), "--save-dtype", "fp32"])
     assert stored_dtype(tmp_path / "fp32" / "final") == "F32"

@@ -175,8 +175,9 @@ def test_the_demo_resumes_each_method_where_it_stopped_and_skips_finished_ones(t
     assert "\ncft " in printed and "\ncpt " in printed  # both rows of the accuracy table
     for method in ("cft", "cpt"):
         assert_same_run(out / method, reference / method)
-    assert json.loads((out / "cpt" / "final" / "result.json").read_text()) == \
-        json.loads((reference / "cpt" / "final" / "result.json").read_text())
+    result = lambda run: {k: v for k, v in json.loads((run / "final" / "result.json").read_text()).items()
+                          if k != "seconds"}
+    assert result(out / "cpt") == result(reference / "cpt")
     # a method of the demo on its own, in its folder: the same run record, so it may be resumed alone
     assert "finished earlier" in quietly(["--out", str(out / "cpt"), "--method", "cpt", *DEMO, *cache, "--resume"])
 
