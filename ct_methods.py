@@ -284,7 +284,7 @@ def clip_per_task(params, max_norm: float):
             p.grad.mul_(factor.view(-1, *[1] * (p.dim() - 1)).to(p.grad.dtype))
 
 
-def batch_loss(sums, tokens, batch_tokens, batch_rows: int, reduction: str):
+def mini_batch_loss(sums, tokens, batch_tokens, batch_rows: int, reduction: str):
     """(T,) loss of rows with summed losses `sums` (T, R) and loss-token counts `tokens` (R,), part of a mini-batch of
     batch_rows rows and batch_tokens tokens in the loss: 'tokens' (official) divides by the mini-batch's token count,
     'pairs' averages each row's mean over the mini-batch's rows. Summed over a mini-batch's parts (micro-batches),
@@ -314,7 +314,8 @@ def optimise(params, pair_sums, row_tokens, n_rows: int, cfg: TuneConfig, desc: 
             chunk = cfg.micro_batch or len(rows)
             for start in range(0, len(rows), chunk):
                 part = slice(start, start + chunk)
-                loss = batch_loss(pair_sums(rows[part]), tokens[part], tokens.sum(), len(rows), cfg.reduction)
+                sums = pair_sums(rows[part])
+                loss = mini_batch_loss(sums, tokens[part], tokens.sum(), len(rows), cfg.reduction)
                 (loss.sum() * len(rows) / size / len(group)).backward()
         clip_per_task(params, cfg.grad_clip)
         opt.step()

@@ -19,7 +19,7 @@ from ct_methods import Adapted, Demo, Episode, TuneConfig, load_adapters
 
 SWEPT = ("ct-kv", "ct-prompt", "prompt-tuning", "prefix-tuning", "ttt")  # the methods with a learning rate of their own
 SWEEP_LRS = {"ttt": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}  # marc: TTT 1e-4, the others 1e-3 to 3e-3, on Llama
-SWEEP_LRS_DEFAULT = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+SWEEP_LRS_DEFAULT = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 
 
 @dataclass
@@ -34,11 +34,12 @@ class CTQuickConfig:
     queries_per_task: int = 128
     seeds: int = option(3, "--quick / --reproduce: seeds to run (more seeds resume a finished run)")
     steps: int = 100               # every method's steps (CT-KV/prefix tuning: epochs); TTT + CT-KV: half
-    # each method's learning rate (TTT + CT-KV: TTT's, then CT-KV's), from a sweep on held-out tasks (SWEEP_LRS,
-    # generator stream "sweep", k = 8, 8 tasks): the quick preset's were chosen so once; with sweep_tasks > 0 the run
-    # sweeps on its own backbone first (per family, at the middle k) and records what it chose
-    lrs: dict = field(default_factory=lambda: {"ct-kv": 1e-2, "ct-prompt": 1e-2, "prompt-tuning": 1e-2,
-                                               "prefix-tuning": 1e-2, "ttt": 1e-2})
+    # each method's learning rate (TTT + CT-KV: TTT's, then CT-KV's), the best of a sweep on held-out tasks
+    # (sweep_learning_rates: SWEEP_LRS, generator stream "sweep"): the quick preset's come from one such sweep on its
+    # backbone (8 tasks, k = 8); with sweep_tasks > 0 a run sweeps on its own backbone first (per family, at the middle
+    # k) and records what it chose
+    lrs: dict = field(default_factory=lambda: {"ct-kv": 1e-2, "ct-prompt": 3e-2, "prompt-tuning": 3e-2,
+                                               "prefix-tuning": 1e-1, "ttt": 3e-4})
     sweep_tasks: int = 0
     dropout: float = 0.1           # token dropout of CT-KV, CT-Prompt and prompt tuning
     task_batch: int = 8            # tasks trained together (torch.func.vmap over tasks)

@@ -22,6 +22,7 @@ from ct_tokens import TokenIO, token_demo, token_lead
 from model import ModelConfig, create_model, default_precision, PRECISIONS
 
 SHAPE_PRESETS = {"tiny": "tiny", "1b": "llama3.2-1b", "3b": "llama3.2-3b", "7b": "llama2-7b"}
+DEMO_TOKENS = {"tiny": (12, 4)}  # (tokens, answer tokens) per demonstration; the others (48, 8), MMLU-like
 TIMING_SHAPES = tuple(SHAPE_PRESETS)
 TIMED = ("prompt-tuning", "prefix-tuning", "ct-prompt", "ct-kv", "ttt", "ttt+ct-kv")
 MARC_MMLU_SECONDS = {"prompt-tuning": 7.74, "prefix-tuning": 2.73, "ct-prompt": 18.35, "ct-kv": 3.33, "ttt": 10.67,
@@ -77,7 +78,7 @@ def timing_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_timing(sizes: str, device, out=None, k: int = 16, demo_tokens: int = 48, answer_tokens: int = 8) -> dict:
+def run_timing(sizes: str, device, out=None, k: int = 16) -> dict:
     """Time every method on each shape of `sizes` (comma list of SHAPE_PRESETS); print a markdown table and, with
     `out` (a folder), write time.json and time.md there. Shapes already in OUT/time.json are not timed again."""
     names = sizes.split(",")
@@ -95,6 +96,7 @@ def run_timing(sizes: str, device, out=None, k: int = 16, demo_tokens: int = 48,
             continue
         cfg = ModelConfig.from_name(SHAPE_PRESETS[name])
         model = create_model(cfg, device, dtype, seed=0).eval().requires_grad_(False)
+        demo_tokens, answer_tokens = DEMO_TOKENS.get(name, (48, 8))
         ep = random_episode(model, k, demo_tokens, answer_tokens)
         saved[name] = {"preset": SHAPE_PRESETS[name], "k": k, "demo_tokens": demo_tokens, "dtype": str(dtype),
                        "device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu",

@@ -18,6 +18,8 @@ from data import Tokenizer
 from hf_checkpoint import save_pretrained
 from model import AttentionMask, MaskLayout, allowed, create_model, prefill
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
+
 TASK = {"name": "toy", "demos": [{"input": "The patient reported", "output": "pain"},
                                  {"input": "A company showed", "output": "profits in the first quarter"},
                                  {"input": "The drug reduced", "output": "the risk"},
@@ -145,7 +147,8 @@ def test_methods_train_and_leave_the_model_untouched(setup):
     io, pairs, rows = ct.TokenIO(model), ep.pairs(), torch.arange(len(ep.demos))
     before = {n: p.clone() for n, p in model.state_dict().items()}
     cfg = cm.TuneConfig(steps=15, lr=1e-2, ttt_lr=1e-2, dropout=0.0, leave_one_out=False, progress=False,
-                        ct_prompt_steps=15, prompt_tuning_steps=15, prefix_tuning_steps=15, ttt_steps=15, ttt_kv_steps=15)
+                        ct_prompt_steps=15, prompt_tuning_steps=15, prefix_tuning_steps=15, ttt_steps=15,
+                        ttt_kv_steps=15)
     start = cm.kv_pair_losses(model, io, pairs, rows, prefill(model, embeds=ep.context())).mean()
     for method in cm.METHODS:
         answer_model, prefix_kv = cm.adapt(method, model, io, ep, cfg)
@@ -263,4 +266,5 @@ def test_regression_backbone_icl_matches_synthetic_forward_and_quick_experiment_
     assert set(results) == set(cm.METHODS) | set(ct_reproduction.ABLATION)
     for name, r in results.items():
         assert len(r["mse_per_seed"]) == 2 and math.isfinite(r["mse"]) and math.isfinite(r["mse_std"]), name
-    assert results == ct_reproduction.quick_experiment(reg, q, progress=False)  # seeded: TTT's adapters and dropout included
+    # seeded: TTT's adapters and dropout included
+    assert results == ct_reproduction.quick_experiment(reg, q, progress=False)

@@ -11,6 +11,7 @@ import torch
 import context_tuning as ct
 import ct_methods as cm
 import ct_regression
+import ct_timing
 import icl_regression
 from conftest import tiny_cfg
 from data import Tokenizer
@@ -131,9 +132,9 @@ def test_official_reduction_is_the_token_weighted_mean(setup):
         logp = logits.log_softmax(-1)[demo.in_loss]
         per_token += (-logp.gather(1, demo.targets[demo.in_loss][:, None])[:, 0]).tolist()
     assert len(set(tokens.tolist())) > 1  # answers of different lengths: the two reductions differ
-    official = cm.batch_loss(sums[None], tokens, tokens.sum(), len(rows), "tokens")
+    official = cm.mini_batch_loss(sums[None], tokens, tokens.sum(), len(rows), "tokens")
     assert official.item() == pytest.approx(sum(per_token) / len(per_token), rel=1e-5)
-    per_pair = cm.batch_loss(sums[None], tokens, tokens.sum(), len(rows), "pairs")
+    per_pair = cm.mini_batch_loss(sums[None], tokens, tokens.sum(), len(rows), "pairs")
     assert per_pair.item() == pytest.approx(cm.kv_pair_losses(model, io, pairs, rows, prefix).mean().item(), rel=1e-5)
     assert cm.TuneConfig().reduction == "tokens"
 
@@ -223,3 +224,12 @@ def test_tasks_trained_together_equal_tasks_trained_alone():
                                                  xs[t:t + 1, 4:], ys[t:t + 1, 4:])[0]
                  for t, ep in enumerate(episodes)]
         assert together == pytest.approx(alone, rel=1e-4, abs=1e-5), method
+
+
+def test_timing_reports_every_method_beside_marcs_seconds(setup):
+    _, model, _, _ = setup
+    ep = ct_timing.random_episode(model, 2, 6, 2)
+    seconds = ct_timing.time_methods(model, ep, "cpu")
+    assert set(seconds) == set(ct_timing.TIMED) and all(r["seconds"] > 0 for r in seconds.values())
+    table = ct_timing.timing_table({"tiny": {"methods": seconds}})
+    assert "| ct-kv | 3.33 |" in table and "| ttt+ct-kv | +1.68 |" in table and "| ct-prompt | 18.35 |" in table

@@ -192,3 +192,14 @@ def test_more_seeds_continue_a_finished_run(tiny_run, tmp_path):
         (tiny_run / "records.json").read_text())["lrs"]  # the sweep is not redone
     assert ct_reproduction.t_quantile_975(5) == pytest.approx(2.5706, abs=2e-3)
     assert ct_reproduction.t_quantile_975(30) == pytest.approx(2.0423, abs=1e-3)
+
+
+def test_model_by_name_from_model_dir_and_tokenizer_from_its_folder(checkpoint, tmp_path, capsys):
+    """--model NAME is looked up in --model-dir (hf_checkpoint.resolve_model); the tokenizer comes from the folder."""
+    models = tmp_path / "models"
+    shutil.copytree(checkpoint / "ckpt", models / "llama2-7b")
+    out = tmp_path / "r.jsonl"
+    ct.main(["--model", "llama2-7b", "--model-dir", str(models), "--tasks", str(checkpoint / "tasks.jsonl"),
+             "--method", "icl", "--out", str(out), "--device", "cpu"])
+    assert json.loads(out.read_text())["method"] == "icl"
+    assert f"model: {models / 'llama2-7b'}" in capsys.readouterr().out
