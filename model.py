@@ -12,6 +12,7 @@ Conventions that matter for exactness:
   a 70B model can be created instantly and sharded before any memory is used (torchtitan's habit).
 """
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fused_attention import flex_attention_path, prepend_prefix
 
@@ -306,7 +308,10 @@ def attention(q, k, v, layout: MaskLayout, prefix=None):
         # and the dense mask is small anyway (under 128 x keys per row).
         k, v = prepend_prefix(k, v, prefix)
         keep = dense_mask(layout, B, T, k.shape[2], q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
+        # On CUDA the math backend: SDPA would pick the memory-efficient kernel, whose backward fails for some short
+        # shapes ("LSE is not correctly aligned (strideH)", torch 2.11, context tuning's regression backbone).
+        with sdpa_kernel(SDPBackend.MATH) if q.is_cuda else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
     return flex_attention_path(q, k, v, layout, prefix, gqa, allowed)
 
 
