@@ -6,10 +6,10 @@ number of points. synthetic.py fine-tunes this model (the CFT paper's mechanism 
 `--quick` reproduction adapts it at test time; both build on what is here.
 
 The backbone is model.py's Llama Transformer fed through `hidden_states(embeds=...)`, with a linear read-in
-(d -> width) and a linear read-out (width -> 1) as in Garg et al. Two differences from the official GPT-2 backbone:
-rotary position embeddings replace GPT-2's learned absolute positions, and the MLP is SwiGLU (ffn width 2/3 of
-GPT-2's 4x, so the parameter count matches). Rotary attention only sees relative positions, so a prompt's absolute
-offset does not change the model's output (tests/test_icl_regression.py checks this).
+(d -> width) and a linear read-out (width -> 1) as in Garg et al. Positions are a choice (`position`): "rope" (rotary,
+relative: a prompt's absolute offset does not change the output; tests/test_icl_regression.py checks this) or
+"learned" (GPT-2's absolute position embeddings added to the read-in, rotary off: the official backbone). The MLP is
+SwiGLU either way (ffn width 2/3 of GPT-2's 4x, so the parameter count matches).
 
 Seeds: every sample comes from a torch.Generator seeded by (seed, stream, step), so runs are reproducible and resume
 exactly. Checkpoints are folders (model.safetensors, optimizer.safetensors while training, meta.json; no pickle)
@@ -57,6 +57,9 @@ class RegressionConfig:
     n_layers: int = 12
     n_heads: int = 8
     ffn_dim: int = 688
+    position: str = option("rope", "position encoding: rope (rotary, relative) or learned (GPT-2's absolute "
+                                   "embeddings added to the read-in, rotary off: the official backbone)",
+                           choices=("rope", "learned"))
     # pretraining (official: 500k steps, batch 64, Adam 1e-4 constant, curriculum +1 dim and +2 points / 2000 steps)
     pretrain_steps: int = option(16000, "pretraining steps")
     pretrain_batch: int = option(512, "pretraining prompts per step")
@@ -71,9 +74,13 @@ class RegressionConfig:
 
     def model_config(self) -> ModelConfig:
         # vocab_size=1: the backbone's token embedding and LM head are unused (read-in/read-out replace them).
-        # max_seq_len only bounds the CFT prompt (2 x n_points pairs = 4 x n_points tokens); rotary needs no table.
+        # max_seq_len bounds the CFT prompt (2 x n_points pairs = 4 x n_points tokens); rotary needs no table, learned
+        # positions get one more than that (official: 2 x 101 = 202 >= 165 for 41 points), of which pretraining
+        # trains only the first 2 x n_points.
+        learned = self.position == "learned"
         return ModelConfig(vocab_size=1, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
-                           n_kv_heads=self.n_heads, ffn_dim=self.ffn_dim, max_seq_len=4 * self.n_points)
+                           n_kv_heads=self.n_heads, ffn_dim=self.ffn_dim, positions=self.position,
+                           max_seq_len=4 * self.n_points + learned)
 
 
 REGRESSION_PRESETS = {
@@ -175,7 +182,8 @@ def interleave(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
 
 class RegressionTransformer(nn.Module):
     """Garg et al.'s in-context regression model on model.py's Transformer: read_in (d -> width) on every token,
-    the backbone's blocks (rotary positions instead of GPT-2's learned ones), read_out (width -> 1) at the x tokens."""
+    the backbone's blocks (rotary or learned absolute positions, as its ModelConfig says), read_out (width -> 1) at
+    the x tokens."""
 
     def __init__(self, n_dims: int, cfg: ModelConfig):
         super().__init__()
@@ -230,13 +238,25 @@ def read_tensors(path: Path, device="cpu") -> dict:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def read_json_object(path) -> dict:
+    """A JSON file holding one object; anything else (empty, truncated, not UTF-8, a list) is a ValueError naming the
+    file, so that a damaged result file stops a run with one line instead of a traceback."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete it to have it rebuilt") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def read_meta(path) -> dict | None:
     """A checkpoint folder's meta.json, also when its weights were not copied along (results travel without them)."""
     path = Path(path)
     found = regression_checkpoint_folder(path)
     if found is None and (path / "meta.json").is_file():
         found = path
-    return None if found is None else json.loads((found / "meta.json").read_text())
+    return None if found is None else read_json_object(found / "meta.json")
 
 
 def load_regression_model(path) -> tuple[RegressionTransformer, dict]:
@@ -245,8 +265,11 @@ def load_regression_model(path) -> tuple[RegressionTransformer, dict]:
     if found is None:
         raise FileNotFoundError(f"{path}: not an icl_regression.py checkpoint (expected meta.json and "
                                 f"model.safetensors)")
-    meta = json.loads((found / "meta.json").read_text())
-    model = RegressionTransformer(meta["n_dims"], ModelConfig(**meta["model_config"]))
+    meta = read_json_object(found / "meta.json")
+    try:
+        model = RegressionTransformer(meta["n_dims"], ModelConfig(**meta["model_config"]))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{found / 'meta.json'}: not an icl_regression.py checkpoint description ({e!r})") from None
     model.load_state_dict(read_tensors(found / "model.safetensors"))
     return model, meta
 
@@ -306,11 +329,13 @@ def record_progress(model, meta: dict, step: int, loss, metric, finished_early) 
 
 def train_regression(model, run_dir: Path, meta: dict, batch_loss, lr_of_step, *, total_steps: int, device,
                      deadline: float, compiled=None, metric=None, metric_every: int = 100, finished_early=None,
-                     save_every_s: float = 120.0, stop_at: int | None = None, desc: str = "") -> bool:
+                     save_every_s: float = 120.0, stop_at: int | None = None, desc: str = "", bf16: bool = True,
+                     clip_norm: float | None = 1.0) -> bool:
     """Train from meta["step"] to total_steps, or until the deadline (time.monotonic()) or stop_at; checkpoint into
     run_dir. Every metric_every steps, meta["history"] gets the loss and metric(model); finished_early(record) may end
     training there. Returns True when finished. batch_loss(model, step) samples step's batch from its own seed, so a
-    resumed run sees exactly the batches an uninterrupted one would have."""
+    resumed run sees exactly the batches an uninterrupted one would have. The optimiser is Adam (AdamW without weight
+    decay); bf16=False computes in fp32 (the official recipe), clip_norm=None skips gradient clipping."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr_of_step(0), weight_decay=0.0, fused=torch.device(device).type == "cuda")
     found = regression_checkpoint_folder(run_dir)
@@ -326,11 +351,12 @@ def train_regression(model, run_dir: Path, meta: dict, batch_loss, lr_of_step, *
     while not finished and step < stop and time.monotonic() < deadline:
         for group in optimizer.param_groups:
             group["lr"] = lr_of_step(step)
-        with bf16_autocast(device):
+        with bf16_autocast(device) if bf16 else nullcontext():
             loss = batch_loss(forward, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         optimizer.step()
         step += 1
         bar.update(1)
@@ -407,9 +433,11 @@ def pretrain(cfg: RegressionConfig, out: Path, device, deadline: float = math.in
     if done:
         curve = nmse_curve(model, cfg, device)
         meta["quality"] = {"nmse_by_position": curve, "nmse_at_2d": curve[2 * cfg.n_dims], "target": 0.1,
-                           "steps": meta["step"]}
+                           "steps": meta["step"], "seconds": round(meta["seconds"], 1), "position": cfg.position}
         meta["done"] = True
         save_regression_checkpoint(run_dir, model, meta)  # without the optimizer state: finished
-        print(f"pretrain: normalised squared error with {2 * cfg.n_dims} in-context points = "
-              f"{curve[2 * cfg.n_dims]:.4f} (target <= 0.1: {'met' if curve[2 * cfg.n_dims] <= 0.1 else 'NOT met'})")
+        met = "met" if curve[2 * cfg.n_dims] <= 0.1 else "NOT met"
+        print(f"pretrain ({cfg.position} positions): normalised squared error with {2 * cfg.n_dims} in-context "
+              f"points = {curve[2 * cfg.n_dims]:.4f} (target <= 0.1: {met}) after {meta['step']} steps, "
+              f"{meta['seconds']:.0f} s")
     return done
