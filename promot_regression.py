@@ -262,11 +262,12 @@ def prompt_predictions(model, prompts: PromptSet, soft_prompt: SoftPrompt | None
 
 def target_metrics(model, prompts: PromptSet, tolerance: float, soft_prompt: SoftPrompt | None = None) -> dict:
     """Squared error against the +-1 labels and sign accuracy over every position; format_rate = the share of
-    predictions within `tolerance` of -1 or +1."""
+    predictions within `tolerance` of -1 or +1, range_rate = the share with |y^| <= 1 + tolerance."""
     preds = prompt_predictions(model, prompts, soft_prompt)
     return {"mse": ((preds - prompts.ys) ** 2).mean().item(),
             "accuracy": (torch.sign(preds) == prompts.ys).float().mean().item(),
-            "format_rate": (format_distance(preds) <= tolerance).float().mean().item()}
+            "format_rate": (format_distance(preds) <= tolerance).float().mean().item(),
+            "range_rate": (preds.abs() <= 1 + tolerance).float().mean().item()}
 
 
 def icl_metrics(model, prompts: PromptSet, ks, tolerance: float, soft_prompt: SoftPrompt | None = None) -> dict:
@@ -396,7 +397,8 @@ def finetune_stage(ctx: JobContext, arm: str, model, soft_prompt: SoftPrompt | N
 def prompt_stage(ctx: JobContext) -> tuple[SoftPrompt, StageResult]:
     """ProMoT's stage 1 = the pt arm: a soft prompt trained with the model frozen; the best prompt is returned."""
     cfg, model = ctx.cfg, ctx.base
-    soft_prompt = init_regression_prompt(model, cfg.prompt_len, icl.generator(ctx.device, ctx.seed, "promot", "prompt-init"))
+    soft_prompt = init_regression_prompt(model, cfg.prompt_len,
+                                         icl.generator(ctx.device, ctx.seed, "promot", "prompt-init"))
     model.requires_grad_(False)
 
     def batch_loss(step):
@@ -416,7 +418,8 @@ def trainable_copy(ctx: JobContext, arm: str) -> nn.Module:
     model.requires_grad_(True)
     model.backbone.embed_tokens.requires_grad_(False)  # unused by the regression model (read-in replaces them)
     model.backbone.lm_head.requires_grad_(False)
-    if arm == "lora":
+    if arm == "lora":  # LoRALinear draws its A matrices from the global generator: seed it per run
+        torch.manual_seed(icl.stream_seed(ctx.seed, "promot", "lora-init"))
         apply_lora(model, rank=ctx.cfg.lora_rank, alpha=2.0 * ctx.cfg.lora_rank, targets=LORA_TARGETS)
     return model
 

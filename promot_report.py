@@ -37,16 +37,19 @@ def arm_summary(runs: list[dict]) -> dict:
                "target_mse": seed_stat(r["target"]["mse"] for r in runs),
                "target_accuracy": seed_stat(r["target"]["accuracy"] for r in runs),
                "target_format_rate": seed_stat(r["target"]["format_rate"] for r in runs),
+               "target_range_rate": seed_stat(r["target"]["range_rate"] for r in runs),
                "icl_mse_before": {k: seed_stat(r["icl_before"]["mse"][k] for r in runs) for k in ks},
                "icl_mse_after": {k: seed_stat(r["icl_after"]["mse"][k] for r in runs) for k in ks},
-               "icl_ratio": {k: seed_stat(r["icl_after"]["mse"][k] / r["icl_before"]["mse"][k] for r in runs) for k in ks},
+               "icl_ratio": {k: seed_stat(r["icl_after"]["mse"][k] / r["icl_before"]["mse"][k] for r in runs)
+                             for k in ks},
                "leak_rate": seed_stat(r["icl_after"]["leak_rate"] for r in runs),
                "leak_rate_before": seed_stat(r["icl_before"]["leak_rate"] for r in runs),
                "chance_leak": seed_stat(r["icl_after"]["chance_leak"] for r in runs),
                "range_rate": seed_stat(r["icl_after"]["range_rate"] for r in runs),
                "range_rate_before": seed_stat(r["icl_before"]["range_rate"] for r in runs),
                "chance_range": seed_stat(r["icl_after"]["chance_range"] for r in runs),
-               "best_step": {name: seed_stat(r["stages"][name]["best_step"] for r in runs) for name in runs[0]["stages"]}}
+               "best_step": {name: seed_stat(r["stages"][name]["best_step"] for r in runs)
+                             for name in runs[0]["stages"]}}
     if "icl_with_prompt" in runs[0]:  # diagnostic: the prompt left in for held-out tasks
         summary["icl_mse_with_prompt"] = {k: seed_stat(r["icl_with_prompt"]["mse"][k] for r in runs) for k in ks}
         summary["leak_rate_with_prompt"] = seed_stat(r["icl_with_prompt"]["leak_rate"] for r in runs)
@@ -80,7 +83,8 @@ def collect_promot_results(out: Path, cfg, meta: dict, complete: bool, job_arms:
     base = {} if not any_runs else {
         "target_mse": seed_stat(r["target_before"]["mse"] for r in any_runs),
         "target_accuracy": seed_stat(r["target_before"]["accuracy"] for r in any_runs),
-        "target_format_rate": seed_stat(r["target_before"]["format_rate"] for r in any_runs)}
+        "target_format_rate": seed_stat(r["target_before"]["format_rate"] for r in any_runs),
+        "target_range_rate": seed_stat(r["target_before"]["range_rate"] for r in any_runs)}
     quality = meta.get("quality", {})
     return {"complete": complete, "arms": arms, "base": base,
             "backbone": {"n_dims": meta["n_dims"], "n_points": meta["config"]["n_points"],
@@ -121,7 +125,8 @@ def promot_table(results: dict) -> str:
               f"{first['chance_range']['mean']:.3f}.",
               f"Base model on the target task (in context, no training): MSE {format_stat(base['target_mse'])}, sign "
               f"accuracy {format_stat(base['target_accuracy'])}, predictions within {tol:g} of ±1 "
-              f"{format_stat(base['target_format_rate'])}."]
+              f"{format_stat(base['target_format_rate'])}, with |y^| <= {1 + tol:g} "
+              f"{format_stat(base['target_range_rate'])}."]
     for arm in ("pt", "promot"):
         if arm in arms and "leak_rate_with_prompt" in arms[arm]:
             s = arms[arm]
@@ -179,7 +184,7 @@ def write_curves(out: Path, rows: list[dict], ks) -> list[Path]:
         start = next(r for r in rows if (r["arm"], r["seed"], r["stage"], r["step"]) == (row["arm"], row["seed"],
                                                                                           row["stage"], 0))
         row[f"icl_ratio_k{ks[-1]}"] = row[f"icl_mse_k{ks[-1]}"] / start[f"icl_mse_k{ks[-1]}"]
-    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
+    fig, axes = plt.subplots(1, 5, figsize=(26, 4.5))
     for ax, (key, label, log) in zip(axes, panels):
         for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
             for j, seed in enumerate(sorted({r["seed"] for r in rows if r["arm"] == arm})):
@@ -190,6 +195,15 @@ def write_curves(out: Path, rows: list[dict], ks) -> list[Path]:
         ax.set_ylabel(label)
         if log:
             ax.set_yscale("log")
+    # the trade-off: held-out damage against target gain, every curve point (an arm that only moves slower along
+    # FT's path lies on FT's curve; a better trade-off lies below it)
+    ratio = f"icl_ratio_k{ks[-1]}"
+    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
+        points = [r for r in rows if r["arm"] == arm and r["step"] > 0]  # step 0: every stage's untrained start
+        axes[4].scatter([p["target_val_mse"] for p in points], [p[ratio] for p in points], color=f"C{i}", s=10)
+    axes[4].set_xlabel("target validation MSE")
+    axes[4].set_ylabel(f"held-out ICL MSE / base model's, k = {ks[-1]}")
+    axes[4].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     atomic_write(out / "curves.png", lambda f: fig.savefig(f, format="png", dpi=110))

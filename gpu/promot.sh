@@ -51,10 +51,10 @@ if [ "$DEVICE" != cpu ]; then
 fi
 backbone=(); [ -n "${PRETRAINED:-}" ] && backbone=(--pretrained "$PRETRAINED")
 status=incomplete
-if run faithful "${backbone[@]}"; then
+if run faithful ${backbone[@]+"${backbone[@]}"}; then
   base=${PRETRAINED:-$ROOT/faithful/pretrain}
-  pt_steps=$(python -c "import json; c = json.load(open('$ROOT/faithful/config.json')); print(c['pt_steps'] or 5 * c['ft_steps'])")
-  ft_steps=$(python -c "import json; print(4 * json.load(open('$ROOT/faithful/config.json'))['ft_steps'])")
+  read -r pt_steps ft_steps < <(python -c "import json; c = json.load(open('$ROOT/faithful/config.json'))
+print(c['pt_steps'] or 5 * c['ft_steps'], 4 * c['ft_steps'])")
   reuse_stage_one long
   if run long --pretrained "$base" --ft-steps "$ft_steps" --pt-steps "$pt_steps"; then
     reuse_stage_one highlr

@@ -164,3 +164,11 @@ def test_format_measures():
     assert got["mse"] == {"1": 0.0, "4": 0.0, "6": 0.0}
     batch = P.sign_prompts(64, 5, 3, icl.generator("cpu", 0, "t"))
     assert set(batch.ys.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_lora_runs_do_not_depend_on_the_global_generator(tiny_run):
+    out, _ = tiny_run
+    torch.manual_seed(1)
+    first = P.run_finetune_arm(job_context(out), "lora")
+    torch.manual_seed(2)
+    assert P.run_finetune_arm(job_context(out), "lora") == first
