@@ -30,6 +30,7 @@ the gradient clipping (per task) keep the tasks independent, so T tasks at once 
 task (the text path) is a direct call without vmap (FlexAttention, which long contexts need, does not run under it).
 """
 import copy
+import sys
 import warnings
 from dataclasses import dataclass, replace
 
@@ -125,14 +126,26 @@ def _task_slice(tree, t: int):
     return tree
 
 
+_VMAP_FAILED = []  # the error that made over_tasks fall back to a loop (reported once)
+
+
 def over_tasks(fn, tasks: int, *batched):
     """fn(*one task's args) -> (R,) for every task -> (T, R). `batched`: nests (lists, tuples, dicts) of tensors with a
-    leading task axis. Several tasks go through torch.func.vmap; one task is a plain call on its slices."""
-    if tasks == 1:
-        return fn(*_task_slice(batched, 0))[None]
-    with warnings.catch_warnings():  # CPU attention has no batching rule: vmap loops over tasks there (correct, slower)
-        warnings.filterwarnings("ignore", message="There is a performance drop")
-        return vmap(fn, randomness="different")(*batched)
+    leading task axis. Several tasks go through torch.func.vmap; one task is a plain call on its slices. Should vmap
+    not support an operation on this device, a loop over the tasks computes the same (slower; said once)."""
+    if tasks == 1 or _VMAP_FAILED:
+        return torch.stack([fn(*_task_slice(batched, t)) for t in range(tasks)])
+    try:
+        with warnings.catch_warnings():  # CPU attention has no batching rule: vmap loops there (correct, slower)
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            return vmap(fn, randomness="different")(*batched)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, NotImplementedError) as e:
+        _VMAP_FAILED.append(e)
+        print(f"note: torch.func.vmap over tasks failed ({str(e).splitlines()[0][:200]}); looping over the tasks "
+              f"instead", file=sys.stderr)
+        return torch.stack([fn(*_task_slice(batched, t)) for t in range(tasks)])
 
 
 class _HiddenStates(nn.Module):

@@ -233,3 +233,21 @@ def test_timing_reports_every_method_beside_marcs_seconds(setup):
     assert set(seconds) == set(ct_timing.TIMED) and all(r["seconds"] > 0 for r in seconds.values())
     table = ct_timing.timing_table({"tiny": {"methods": seconds}})
     assert "| ct-kv | 3.33 |" in table and "| ttt+ct-kv | +1.68 |" in table and "| ct-prompt | 18.35 |" in table
+
+
+def test_a_loop_over_tasks_replaces_vmap_where_vmap_fails(monkeypatch, capsys):
+    """over_tasks: vmap and the loop it falls back to give the same values and gradients."""
+    w = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(3, 5, 4)
+    fn = lambda wt, xt: (xt @ wt).tanh()
+    (g_vmap,) = torch.autograd.grad(cm.over_tasks(fn, 3, w, x).sum(), w)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Batching rule not implemented for aten::something")
+    monkeypatch.setattr(cm, "vmap", broken)
+    monkeypatch.setattr(cm, "_VMAP_FAILED", [])
+    looped = cm.over_tasks(fn, 3, w, x)
+    (g_loop,) = torch.autograd.grad(looped.sum(), w)
+    torch.testing.assert_close(looped, torch.stack([fn(w[t], x[t]) for t in range(3)]))
+    torch.testing.assert_close(g_loop, g_vmap)
+    assert "looping over the tasks instead" in capsys.readouterr().err
