@@ -72,10 +72,11 @@ def run_batch(reg, q: CTQuickConfig, k: int, xs, ys, seed_offset: int, runs: dic
         save(name, {"mse": mse, "nmse": [e / p for e, p in zip(mse, label_power)]})
 
 
-def sweep_learning_rates(reg, q: CTQuickConfig, family: str, save=lambda: None, records=None) -> dict:
+def sweep_learning_rates(reg, q: CTQuickConfig, family: str, save=lambda: None, records=None,
+                         deadline=math.inf) -> dict | None:
     """{method: {lr: mean MSE}} of each method with a learning rate of its own (SWEPT) at every lr of SWEEP_LRS, on
     q.sweep_tasks held-out tasks of `family` (stream "sweep", seed 0) at the middle k. records["sweep"] keeps every
-    finished point (resumable)."""
+    finished point (resumable); None when the deadline came first."""
     records = {} if records is None else records
     k = sorted(q.ks)[len(q.ks) // 2]
     sweep_q = replace(q, tasks_per_seed=q.sweep_tasks)
@@ -84,6 +85,8 @@ def sweep_learning_rates(reg, q: CTQuickConfig, family: str, save=lambda: None, 
         for lr in SWEEP_LRS.get(method, SWEEP_LRS_DEFAULT):
             if str(lr) in table.get(method, {}):
                 continue
+            if time.time() > deadline:
+                return None
             errors = []
             for batch in range(math.ceil(q.sweep_tasks / q.task_batch)):
                 xs, ys = batch_tasks(sweep_q, reg, family, 0, batch, "sweep")
@@ -111,12 +114,15 @@ def unit_key(seed, k, family, batch, name) -> str:
     return f"{family}/k{k}/seed{seed}/batch{batch}/{name}"
 
 
-def family_lrs(reg, q: CTQuickConfig, records: dict, family: str, save) -> dict:
-    """The learning rates of `family`'s runs: q.lrs, or (q.sweep_tasks > 0) the sweep's choice, recorded."""
+def family_lrs(reg, q: CTQuickConfig, records: dict, family: str, save, deadline=math.inf) -> dict | None:
+    """The learning rates of `family`'s runs: q.lrs, or (q.sweep_tasks > 0) the sweep's choice, recorded; None when
+    the deadline came during the sweep."""
     if not q.sweep_tasks:
         return q.lrs
     if family not in records.setdefault("lrs", {}):
-        table = sweep_learning_rates(reg, q, family, save, records)
+        table = sweep_learning_rates(reg, q, family, save, records, deadline)
+        if table is None:
+            return None
         records["lrs"][family] = {**q.lrs, **chosen_lrs(table)}
         save()
         print(f"{family}: learning rates from the sweep on held-out tasks: {records['lrs'][family]}")
@@ -129,10 +135,11 @@ def run_grid(reg, q: CTQuickConfig, records: dict, save_records, deadline=math.i
     todo = [u for u in grid_units(q) if any(unit_key(*u, n) not in records["runs"] for n in names)]
     bar = tqdm(total=len(todo) * len(names), desc="context tuning", disable=not progress)
     for seed, k, family, batch in todo:
-        if time.time() > deadline:
+        lrs = None if time.time() > deadline else family_lrs(reg, q, records, family, save_records, deadline)
+        if lrs is None:
             bar.close()
             return False
-        runs = reproduction_runs(q, k, family_lrs(reg, q, records, family, save_records))
+        runs = reproduction_runs(q, k, lrs)
         done = {n for n in names if unit_key(seed, k, family, batch, n) in records["runs"]}
         bar.update(len(done))
 

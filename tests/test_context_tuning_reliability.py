@@ -203,3 +203,14 @@ def test_model_by_name_from_model_dir_and_tokenizer_from_its_folder(checkpoint, 
              "--method", "icl", "--out", str(out), "--device", "cpu"])
     assert json.loads(out.read_text())["method"] == "icl"
     assert f"model: {models / 'llama2-7b'}" in capsys.readouterr().out
+
+
+def test_a_budget_cut_writes_what_is_done_and_a_rerun_finishes(tiny_run, tmp_path, capsys):
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(tiny_run / "pretrain", cut / "pretrain")
+    ct.main(["--reproduce", "tiny", "--out", str(cut), "--device", "cpu", "--budget", "0.001"])
+    assert json.loads((cut / "results.json").read_text()) == {} and "budget reached" in capsys.readouterr().out
+    assert json.loads((cut / "run.json").read_text())["finished"] is False
+    ct.main(["--reproduce", "tiny", "--out", str(cut), "--device", "cpu"])
+    assert json.loads((cut / "results.json").read_text()) == json.loads((tiny_run / "results.json").read_text())
