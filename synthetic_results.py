@@ -108,6 +108,8 @@ def mean_std_text(entry: dict, key: str, digits: str = ".4g") -> str:
 
 def results_table(results: dict, pretrain_meta: dict | None) -> str:
     """The final table beside the official numbers (markdown)."""
+    if not results:
+        return "No evaluated runs yet.\n"
     columns = ["task", "method", METRICS["mse"], "official", METRICS["mse_permuted_context"],
                METRICS["mse_fresh_context"], METRICS["inner_product_tied"], "official", METRICS["inner_product_query"],
                METRICS["inner_product_tied_true"], METRICS["inner_product_query_true"], "seeds", "steps"]
@@ -225,9 +227,9 @@ def verdicts(results: dict) -> dict:
     if all(m in results.get(t, {}) for t in FINETUNE_TASKS for m in FINETUNE_METHODS):
         wins = {t: results[t]["cft"]["mse"] < min(results[t]["cpt"]["mse"], results[t]["neg-cft"]["mse"])
                 for t in FINETUNE_TASKS}
-        found["error"] = (all(wins.values()), "CFT's error below CPT's and NEG-CFT's on " +
-                          ", ".join(t for t, won in wins.items() if won) + (" (not on " + ", ".join(
-                              t for t, won in wins.items() if not won) + ")" if not all(wins.values()) else ""))
+        won, lost = [t for t, w in wins.items() if w], [t for t, w in wins.items() if not w]
+        found["error"] = (not lost, "CFT's error below CPT's and NEG-CFT's on " + (", ".join(won) or "no class") +
+                          (f" (not on {', '.join(lost)})" if lost else ""))
     poly = results.get("polynomial", {})
     if all("inner_product_tied" in poly.get(m, {}) for m in FINETUNE_METHODS):
         values = {m: poly[m]["inner_product_tied"] for m in FINETUNE_METHODS}
@@ -271,8 +273,8 @@ def summarise_settings(root: Path, names: list[str]) -> tuple[str, dict]:
         data[name] = {"config": config, "results": results, "pretrain_quality": pretrain.get("quality"),
                       "verdicts": {k: {"holds": v[0], "numbers": v[1]} for k, v in per_setting[name].items()}}
         settings = (f"{config.get('position', 'rope')} positions, {config.get('recipe', 'fast')} recipe "
-                    f"({config['finetune_steps']:,} steps x {config['finetune_batch']}), "
-                    f"{'fresh-context' if config.get('fresh_context') else 'faithful'} context")
+                    f"({config['finetune_steps']:,} steps x {config['finetune_batch']}), " +
+                    ("CFT context on fresh x's" if config.get("fresh_context") else "faithful context (the query x's)"))
         text += [f"## {name}: {settings}\n", results_table(results, pretrain),
                  *[f"- {claim}: {'holds' if ok else 'does not hold'} — {numbers}"
                    for claim, (ok, numbers) in per_setting[name].items()], ""]
