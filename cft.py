@@ -549,7 +549,7 @@ def mcq_accuracy(lm: LanguageModel, tokenizer: Tokenizer, questions: list[dict],
 # Main: resolve inputs (with clear errors, before anything is written), then per method: build, evaluate, train, save.
 
 
-def run_all(cfg: CFTConfig, env: Dist, inputs: Inputs, out: Path) -> tuple[list[dict], list[Path]]:
+def run_methods(cfg: CFTConfig, env: Dist, inputs: Inputs, out: Path) -> tuple[list[dict], list[Path]]:
     """Claim --out (one process per folder), check what it holds, and run each method in its folder."""
     demo = len(inputs.methods) > 1
     outs = [out / m for m in inputs.methods] if demo else [out]
@@ -658,7 +658,7 @@ def main(argv=None):
             inputs = resolve_inputs(cfg, env)
         except ValueError as e:
             fail(str(e))
-        results, outs = run_all(cfg, env, inputs, Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"))
+        results, outs = run_methods(cfg, env, inputs, Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"))
         if env.is_main:
             report(results, inputs.questions, outs)
         finished = True

@@ -137,7 +137,7 @@ class Selection:
         if env.is_main and target.exists():  # a resumed run passing the same step again: the same state
             shutil.rmtree(target)
         env.barrier()
-        save_training_state(target, _StageParameters(trained(lm)), _NoOptimizer(), dict(record), env)
+        save_training_state(target, _StageParameters(stage_parameters(lm)), _NoOptimizer(), dict(record), env)
         self.best = record
         self.prune(env)
         return True
@@ -147,7 +147,7 @@ class Selection:
         best = self.best if self.best is not None and self.best["stage"] == stage else None
         if best is not None:
             rng = torch.get_rng_state(), (torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None)
-            load_training_state(self.folder(best), _StageParameters(trained(lm)), _NoOptimizer(), env)
+            load_training_state(self.folder(best), _StageParameters(stage_parameters(lm)), _NoOptimizer(), env)
             torch.set_rng_state(rng[0])
             if rng[1] is not None:
                 torch.cuda.set_rng_state(rng[1], env.device)
@@ -174,6 +174,6 @@ class Selection:
         env.barrier()
 
 
-def trained(lm: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def stage_parameters(lm: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters the current stage trains (the optimiser sets requires_grad per stage)."""
     return [(name, p) for name, p in lm.named_parameters() if p.requires_grad]

@@ -121,16 +121,16 @@ def checkpoint_progress(path: Path) -> dict:
     return meta
 
 
-def finished(folder) -> bool:
+def method_finished(folder) -> bool:
     """final/ appears whole (renamed once), so its presence means the method finished."""
     return (Path(folder) / "final").is_dir()
 
 
-def describe(folder) -> str:
+def run_state(folder) -> str:
     """Where the run in FOLDER stands, in words: finished, stopped at step-N, stopped before its first checkpoint,
     not started (absent or empty), or not a run folder."""
     folder = Path(folder)
-    if finished(folder):
+    if method_finished(folder):
         return "finished"
     if (folder / "config.json").is_file():
         ckpt = latest_checkpoint(folder)
@@ -143,7 +143,7 @@ def plan_start(folder, resume: bool) -> Path | str:
     (--resume of a run that stopped before its first checkpoint: step 0, same settings). Otherwise a ValueError
     saying what to do. (A --resume of a folder that does not exist is refused by the caller before it is created.)"""
     folder = Path(folder)
-    state = describe(folder)
+    state = run_state(folder)
     if not resume:
         if state == "finished":
             raise ValueError(f"--out {folder} holds a finished run ({folder / 'final'}); choose a new --out")
@@ -182,7 +182,7 @@ def check_demo_folder(folder, method_folders: list[Path], resume: bool) -> None:
         if foreign:
             raise ValueError(f"--out {folder} exists and is not empty; choose a new folder")
         return
-    states = {Path(m).name: describe(m) for m in method_folders}
+    states = {Path(m).name: run_state(m) for m in method_folders}
     where = ", ".join(f"{name} {state}" for name, state in states.items())
     if all(state == "finished" for state in states.values()):
         raise ValueError(f"--out {folder} holds a finished run ({where}); choose a new --out")

@@ -141,9 +141,10 @@ def test_the_real_model_demo_uses_the_models_tokenizer_and_keeps_its_dtype(llama
         assert stored_dtype(final) == "BF16" and (final / "tokenizer.model").is_file()
         assert set(json.loads((final / "result.json").read_text())) == {"method", "before", "after", "loss",
                                                                           "seconds"}
-    quietly(["--checkpoint", str(llama_like), "--method", "cft", "--max-steps", "1", "--no-progress", "--out",
-             str(tmp_path / "fp32"), "--cache-dir", str(tmp_path / "cache"), "--save-dtype", "fp32"])
-    assert stored_dtype(tmp_path / "fp32" / "final") == "F32"
+    given = lambda *flags: cft.final_dtype(cft.parse_cft_args(["--checkpoint", str(llama_like), *flags]))
+    assert (given(), given("--save-dtype", "fp32"), given("--save-dtype", "fp16")) == (torch.bfloat16, torch.float32,
+                                                                                        torch.float16)
+    assert cft.final_dtype(cft.parse_cft_args([])) is None  # random init: the trained fp32 weights as they are
 
 
 @pytest.fixture(scope="module")

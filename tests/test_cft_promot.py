@@ -133,7 +133,7 @@ def soft_prompt_at(checkpoint: Path) -> torch.Tensor:
 
 
 def test_select_keeps_each_stages_best_in_a_run(setup, tmp_path):
-    select = ["--promot-prompt-steps", "4", "--max-steps", "3", "--promot-select", "--promot-select-prompt-every", "1",
+    select = ["--promot-prompt-steps", "3", "--max-steps", "2", "--promot-select", "--promot-select-prompt-every", "1",
               "--promot-select-model-every", "1"]
     printed = quietly(args(setup, tmp_path / "run", *select))
     records = cft.read_metrics(tmp_path / "run")
