@@ -126,3 +126,39 @@ def test_checkpoint_round_trip_and_interrupted_save(tmp_path):
     (tmp_path / "ckpt.old" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="ckpt.old/model.safetensors: not a readable safetensors file"):
         R.load_regression_model(tmp_path / "ckpt")
+
+
+def test_learned_positions_pretraining_trains_only_the_pretraining_positions(tmp_path):
+    """The official backbone: GPT-2's learned absolute positions, rotary off. Pretraining prompts fill 2 x n_points
+    positions, so the rows of a CFT prompt's second half (as the official code's) stay at their initial values."""
+    cfg = dataclasses.replace(R.REGRESSION_PRESETS["test"], position="learned", pretrain_steps=6, warmup_steps=2,
+                              quality_every=3)
+    assert cfg.model_config().max_seq_len == 4 * cfg.n_points + 1
+    assert R.pretrain(cfg, tmp_path, "cpu")
+    trained, meta = R.load_regression_model(tmp_path / "pretrain")
+    assert meta["model_config"]["positions"] == "learned" and meta["quality"]["position"] == "learned"
+    assert meta["quality"]["steps"] == 6 and meta["quality"]["seconds"] > 0
+    initial = R.build_regression_model(cfg, 0).backbone.embed_positions.weight
+    rows = trained.backbone.embed_positions.weight
+    assert torch.equal(rows[2 * cfg.n_points:], initial[2 * cfg.n_points:])
+    assert not torch.allclose(rows[:2 * cfg.n_points], initial[:2 * cfg.n_points])
+    # absolute positions: unlike rotary, shifting the prompt changes the predictions
+    batch = R.sample_tasks("linear", 2, 7, 3, seeded())
+    with torch.no_grad():
+        plain = trained(batch.xs, batch.values())
+        shifted = trained(batch.xs, batch.values(), positions=torch.arange(14) + 14)
+    assert not torch.allclose(plain, shifted, atol=1e-4)
+
+
+@pytest.mark.parametrize("content,message", [(b"", "not valid JSON"), (b"\xff\xfe", "not valid JSON"),
+                                             (b"[1]", "expected a JSON object, found list")])
+def test_damaged_meta_json_is_named(tmp_path, content, message):
+    model = tiny_model()
+    meta = {"n_dims": 3, "model_config": dataclasses.asdict(R.REGRESSION_PRESETS["test"].model_config())}
+    R.save_regression_checkpoint(tmp_path / "ckpt", model, meta)
+    (tmp_path / "ckpt" / "meta.json").write_bytes(content)
+    with pytest.raises(ValueError, match=f"ckpt/meta.json: {message}"):
+        R.load_regression_model(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "meta.json").write_text('{"n_dims": 3}')
+    with pytest.raises(ValueError, match="meta.json: not an icl_regression.py checkpoint description"):
+        R.load_regression_model(tmp_path / "ckpt")
