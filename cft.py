@@ -599,7 +599,7 @@ def train_method(method: str, cfg: CFTConfig, env: Dist, inputs: Inputs, out: Pa
     record = asdict(replace(cfg, method=method))
     if plan != "start":
         try:
-            check_config(out, record)
+            check_config(out, record, defaults=asdict(CFTConfig()))
         except ValueError as e:
             fail(str(e))
     n_soft = cfg.promot_prompt_len if cfg.promot_prompt_steps else 0

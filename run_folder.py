@@ -199,9 +199,10 @@ def write_config(folder, record: dict) -> None:
     (Path(folder) / "checkpoints").mkdir(exist_ok=True)
 
 
-def check_config(folder, record: dict) -> None:
+def check_config(folder, record: dict, defaults: dict | None = None) -> None:
     """Refuse --resume with a setting that changes the trajectory (RESUMABLE_CHANGES may change). A model given by
-    name is the same model wherever its folder is found, so its resolved path is not compared."""
+    name is the same model wherever its folder is found, so its resolved path is not compared; a setting the saved
+    record lacks (added to cft.py since) must be at its default (`defaults`)."""
     path = Path(folder) / "config.json"
     try:
         saved = json.loads(path.read_text())
@@ -212,6 +213,8 @@ def check_config(folder, record: dict) -> None:
         raise ValueError(f"{path}: not a cft.py run record; choose a new --out")
     skip = RESUMABLE_CHANGES | ({"checkpoint"} if record.get("model") and not record.get("random_init") else set())
     for key, value in record.items():
+        if key not in saved and defaults is not None and defaults.get(key) == value:
+            continue
         if key not in skip and saved.get(key) != value:
             raise ValueError(f"--resume: --{key.replace('_', '-')} is {value!r} but the run in {folder} used "
                              f"{saved.get(key)!r}")
