@@ -32,6 +32,14 @@ def write_text(path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def save_tensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the file's permissions following the user's umask (save_file makes 0600, which
+    collaborators on a shared cluster cannot read)."""
+    from safetensors.torch import save_file
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def staging_path(path) -> Path:
     """Where PATH is built before its rename: .NAME.tmp beside it. The name is fixed so that every process of a
     distributed save finds the same folder."""

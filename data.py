@@ -159,7 +159,9 @@ NEGATIVE_PROMPTS = [
 def load_prompts(path) -> list[str]:
     """A user's prompt set: a JSON list of strings, or one prompt per line (blank lines ignored)."""
     path = Path(path)
-    text = _read_text_file(path)[0]
+    text, utf8 = _read_text_file(path)
+    if not utf8:
+        raise ValueError(f"{path}: not UTF-8 text (expected a JSON list of strings or one prompt per line)")
     if text.lstrip().startswith("["):
         try:
             prompts = json.loads(text)
@@ -205,8 +207,11 @@ def _read_text_file(path: Path) -> tuple[str, bool]:
     """(text, ok): ok is False when the bytes are not UTF-8."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with open_bytes(path) as f:
-        raw = f.read()
+    try:
+        with open_bytes(path) as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+        raise ValueError(f"{path}: unreadable ({e})") from None
     try:
         return raw.decode("utf-8"), True
     except UnicodeDecodeError:

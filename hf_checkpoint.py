@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from atomic import commit_folder, staging_folder
+from atomic import commit_folder, save_tensors, staging_folder
 from lora import LoRALinear
 from model import ModelConfig, Transformer
 
@@ -341,7 +341,6 @@ def checkpoint_dtype(path) -> torch.dtype:
 def _write_weights(model: Transformer, folder: Path | None, dtype: torch.dtype, shard_bytes: int) -> None:
     """model.safetensors, or shards + index. Every rank gathers each FSDP2 tensor in turn; only a writer (folder not
     None) keeps and writes them."""
-    from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
     shards, current, current_bytes = [], {}, 0
 
@@ -350,7 +349,7 @@ def _write_weights(model: Transformer, folder: Path | None, dtype: torch.dtype, 
         if current:
             shards.append(current)
             if folder:
-                save_file(current, folder / f"shard-{len(shards)}.safetensors", metadata={"format": "pt"})
+                save_tensors(current, folder / f"shard-{len(shards)}.safetensors", metadata={"format": "pt"})
             current, current_bytes = {}, 0
 
     for name, tensor in model.state_dict().items():

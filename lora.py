@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atomic import commit_folder, staging_folder
+from atomic import commit_folder, save_tensors, staging_folder
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM(base_model=LoraModel(model=LlamaForCausalLM))
@@ -118,7 +118,6 @@ def peft_adapter_config(layers: dict[str, LoRALinear], base_model_name_or_path=N
 def save_peft_adapter(model: nn.Module, path, base_model_name_or_path: str | None = None) -> Path:
     """Write the model's LoRA adapters as a PEFT folder at `path` (absent or an empty folder; it appears whole).
     Under FSDP2 call it on every rank (each tensor is gathered in turn); rank 0 writes. Tensors are saved in fp32."""
-    from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -135,7 +134,7 @@ def save_peft_adapter(model: nn.Module, path, base_model_name_or_path: str | Non
         return path
     config = peft_adapter_config(layers, base_model_name_or_path)
     tmp = staging_folder(path)
-    save_file(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
+    save_tensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
     (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     if path.exists():
         path.rmdir()  # empty (checked above)

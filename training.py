@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from atomic import commit_folder, staging_folder, staging_path, write_text
+from atomic import commit_folder, save_tensors, staging_folder, staging_path, write_text
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, final_fraction: float = 0.0) -> float:
@@ -65,7 +65,6 @@ def _optimizer_tensors(model: nn.Module, optimizer) -> tuple[dict, list]:
 
 def save_training_state(folder, model: nn.Module, optimizer, meta: dict, env) -> Path:
     """Every process calls this; writes FOLDER whole (see the module docstring) and returns it."""
-    from safetensors.torch import save_file
     folder = Path(folder)
     tensors = {f"model/{name}": t for name, t in model.state_dict().items()}
     optim_tensors, groups = _optimizer_tensors(model, optimizer)
@@ -82,7 +81,7 @@ def save_training_state(folder, model: nn.Module, optimizer, meta: dict, env) ->
         staging_folder(folder)
     env.barrier()
     tmp = staging_path(folder)
-    save_file(local, tmp / f"rank-{env.rank}-of-{env.world}.safetensors", metadata={"format": "pt"})
+    save_tensors(local, tmp / f"rank-{env.rank}-of-{env.world}.safetensors", metadata={"format": "pt"})
     env.barrier()
     if env.is_main:
         state = dict(meta, world_size=env.world, shapes=shapes, param_groups=groups)

@@ -73,3 +73,14 @@ def test_folder_lock_refuses_a_second_holder_and_takes_over_a_stale_lock(tmp_pat
     lock.write_text(json.dumps({"pid": int(dead.stdout), "host": holder["host"], "started": "earlier"}))
     with folder_lock(tmp_path / "run"):
         assert "no longer runs" in capsys.readouterr().err
+
+
+def test_saved_tensors_follow_the_umask(tmp_path):
+    import torch
+    from atomic import save_tensors
+    old = os.umask(0o022)
+    try:
+        save_tensors({"a": torch.zeros(2)}, tmp_path / "t.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644

@@ -282,3 +282,13 @@ def test_the_staged_pubmedqa_corpus_reads_as_abstracts():
     texts, stats = data.read_corpus(folder, "CONTEXTS,LONG_ANSWER")
     assert stats.documents == 1000 and stats.files == 1
     assert 200_000 < sum(len(t.split()) for t in texts) < 300_000  # about 240k words (its SOURCE.md)
+
+
+def test_damaged_text_corpus_and_non_utf8_prompts_are_one_clear_error(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt.gz").write_text("not gzip")
+    with pytest.raises(ValueError, match=r"a\.txt\.gz: unreadable"):
+        data.read_corpus(tmp_path / "d")
+    (tmp_path / "p.txt").write_bytes(b"\xff\xfe prompts")
+    with pytest.raises(ValueError, match=r"p\.txt: not UTF-8 text"):
+        data.load_prompts(tmp_path / "p.txt")
