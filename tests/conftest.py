@@ -72,3 +72,34 @@ def tokenizer_path(tmp_path_factory) -> str:
                                    byte_fallback=True, minloglevel=2)
     out.write_bytes(buffer.getvalue())
     return str(out)
+
+
+def tiny_run_inputs(root: Path, tokenizer_path: str, n_docs: int, sentences_cycle: int = 7) -> Path:
+    """Under root: ckpt/ (a tiny random Hugging Face Llama with the test tokenizer) and corpus.jsonl (n_docs
+    documents of generated sentences): the inputs of the cft.py tests."""
+    import json
+    import shutil
+    from hf_checkpoint import save_pretrained
+    from model import create_model
+    save_pretrained(create_model(tiny_cfg(512), seed=0), root / "ckpt")
+    shutil.copy(tokenizer_path, root / "ckpt" / "tokenizer.model")
+    lines = [json.dumps({"text": " ".join(_generated_sentences(3 + i % sentences_cycle, seed=i))})
+             for i in range(n_docs)]
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def cft_argv(root: Path, out: Path, train: list[str], *extra) -> list[str]:
+    """cft.py's arguments for a run on tiny_run_inputs(root) into `out`."""
+    return ["--checkpoint", str(root / "ckpt"), "--data", str(root / "corpus.jsonl"), "--out", str(out),
+            "--cache-dir", str(root / "cache"), *train, *extra]
+
+
+def printed_by(main, argv) -> str:
+    """What main(argv) prints on stdout."""
+    import contextlib
+    import io
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(argv)
+    return printed.getvalue()

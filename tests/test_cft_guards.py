@@ -2,11 +2,8 @@
 is taken over), never a checkpoint of a state that cannot train on (non-finite loss or gradient, or weights past
 saving), and a full disk during a checkpoint or the final save: one line, the half-written folder gone, the last
 checkpoint intact, and --resume afterwards equal to the uninterrupted run."""
-import contextlib
 import errno
-import io
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,9 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import cft
-from conftest import _generated_sentences, tiny_cfg
-from hf_checkpoint import save_pretrained
-from model import create_model
+from conftest import cft_argv, printed_by, tiny_run_inputs
 
 TRAIN = ["--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--device", "cpu",
          "--no-progress", "--heldout-fraction", "0", "--max-steps", "4", "--save-every", "1"]
@@ -29,24 +24,15 @@ TRAIN = ["--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_path):
-    root = tmp_path_factory.mktemp("cft-guards")
-    save_pretrained(create_model(tiny_cfg(512), seed=0), root / "ckpt")
-    shutil.copy(tokenizer_path, root / "ckpt" / "tokenizer.model")
-    lines = [json.dumps({"text": " ".join(_generated_sentences(3 + i % 7, seed=i))}) for i in range(30)]
-    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return tiny_run_inputs(tmp_path_factory.mktemp("cft-guards"), tokenizer_path, 30)
 
 
 def args(setup: Path, out: Path, *extra) -> list[str]:
-    return ["--checkpoint", str(setup / "ckpt"), "--data", str(setup / "corpus.jsonl"), "--out", str(out),
-            "--cache-dir", str(setup / "cache"), *TRAIN, *extra]
+    return cft_argv(setup, out, TRAIN, *extra)
 
 
 def quietly(argv) -> str:
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        cft.main(argv)
-    return printed.getvalue()
+    return printed_by(cft.main, argv)
 
 
 @pytest.fixture(scope="module")

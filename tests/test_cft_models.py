@@ -3,8 +3,6 @@ one is one line before anything is allocated, --random-init keeps random weights
 the memory check refuses what cannot fit, the real-model demo (the fictional pharmacology in the model's own
 tokenizer, CFT beside CPT), final/ in the source's dtype, PEFT adapter folders that peft loads with our logits, and
 --merge-lora's full model."""
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +13,7 @@ from safetensors import safe_open
 
 import cft
 import hf_checkpoint
-from conftest import LLAMA_TOKENIZER, _generated_sentences, tiny_cfg
+from conftest import LLAMA_TOKENIZER, printed_by, tiny_cfg, tiny_run_inputs
 from hf_checkpoint import load_pretrained, save_pretrained
 from lora import load_peft_adapter
 from model import ModelConfig, create_model
@@ -26,19 +24,11 @@ TRAIN = ["--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_path):
-    root = tmp_path_factory.mktemp("cft-models")
-    save_pretrained(create_model(tiny_cfg(512), seed=0), root / "ckpt")
-    shutil.copy(tokenizer_path, root / "ckpt" / "tokenizer.model")
-    lines = [json.dumps({"text": " ".join(_generated_sentences(3 + i % 7, seed=i))}) for i in range(30)]
-    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return tiny_run_inputs(tmp_path_factory.mktemp("cft-models"), tokenizer_path, 30)
 
 
 def quietly(argv) -> str:
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        cft.main(argv)
-    return printed.getvalue()
+    return printed_by(cft.main, argv)
 
 
 def data_args(setup: Path, out: Path, *extra) -> list[str]:

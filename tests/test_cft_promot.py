@@ -1,10 +1,6 @@
 """ProMoT as the paper has it: prompt length 100 by default, the soft prompt initialised from sampled vocabulary
 embeddings, each stage with its own steps and learning rate, best-checkpoint selection per stage on held-out target
 data (--promot-select), the 1-shot variant, and the prompt removed for every held-out evaluation."""
-import contextlib
-import io
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +11,9 @@ from safetensors.torch import load_file
 import cft
 import data
 import promot
-from conftest import _generated_sentences, tiny_cfg
+from conftest import _generated_sentences, cft_argv, printed_by, tiny_run_inputs
 from distributed import Dist
-from hf_checkpoint import load_pretrained, save_pretrained
-from model import create_model
+from hf_checkpoint import load_pretrained
 from pharmacology import make_world, world_questions
 
 TRAIN = ["--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--device", "cpu",
@@ -27,24 +22,15 @@ TRAIN = ["--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_path):
-    root = tmp_path_factory.mktemp("cft-promot")
-    save_pretrained(create_model(tiny_cfg(512), seed=0), root / "ckpt")
-    shutil.copy(tokenizer_path, root / "ckpt" / "tokenizer.model")
-    lines = [json.dumps({"text": " ".join(_generated_sentences(3 + i % 7, seed=i))}) for i in range(40)]
-    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return tiny_run_inputs(tmp_path_factory.mktemp("cft-promot"), tokenizer_path, 40)
 
 
 def args(setup: Path, out: Path, *extra) -> list[str]:
-    return ["--checkpoint", str(setup / "ckpt"), "--data", str(setup / "corpus.jsonl"), "--out", str(out),
-            "--cache-dir", str(setup / "cache"), *TRAIN, *extra]
+    return cft_argv(setup, out, TRAIN, *extra)
 
 
 def quietly(argv) -> str:
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        cft.main(argv)
-    return printed.getvalue()
+    return printed_by(cft.main, argv)
 
 
 def test_the_papers_defaults():

@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import pickle
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,7 @@ from safetensors.torch import load_file
 import cft
 import hf_checkpoint
 import training
-from conftest import ROOT, _generated_sentences, tiny_cfg
-from hf_checkpoint import save_pretrained
-from model import create_model
+from conftest import ROOT, cft_argv, tiny_run_inputs
 
 TRAIN = ["--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--device", "cpu",
          "--no-progress", "--heldout-fraction", "0.2"]
@@ -87,17 +84,11 @@ def die_on_call(module, name: str, nth: int = 1):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_path):
-    root = tmp_path_factory.mktemp("cft-kill")
-    save_pretrained(create_model(tiny_cfg(512), seed=0), root / "ckpt")
-    shutil.copy(tokenizer_path, root / "ckpt" / "tokenizer.model")
-    lines = [json.dumps({"text": " ".join(_generated_sentences(3 + i % 7, seed=i))}) for i in range(40)]
-    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return tiny_run_inputs(tmp_path_factory.mktemp("cft-kill"), tokenizer_path, 40)
 
 
 def args(setup: Path, out: Path, *extra) -> list[str]:
-    return ["--checkpoint", str(setup / "ckpt"), "--data", str(setup / "corpus.jsonl"), "--out", str(out),
-            "--cache-dir", str(setup / "cache"), *TRAIN, *extra]
+    return cft_argv(setup, out, TRAIN, *extra)
 
 
 def assert_same_run(out: Path, reference: Path):
