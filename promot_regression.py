@@ -2,20 +2,21 @@
 transformer on a narrow task with one output format destroy its in-context learning, and does prompt-then-model tuning
 keep it?
 
-Target task "sign": in-context binary classification. PromptSet (x_1, sign(w^T x_1), ..., x_n, sign(w^T x_n)) with a
+Target task "sign": in-context binary classification. Prompts (x_1, sign(w^T x_1), ..., x_n, sign(w^T x_n)) with a
 fresh w per prompt, squared error against the +-1 labels at every position (the pretraining loss, new labels). Its
 outputs have one homogeneous format, {-1, +1}, as RTE's True/False in the paper, and the right label still depends on
 the input (through w, known only from the context), as RTE's depends on premise and hypothesis. The alternative, a
 single fixed function, would teach the model to ignore its context: that measures forgetting of in-context learning
 in general, not the leak of an output format. The base model answers sign prompts by regressing on the +-1 labels in
-context: its predictions have the right sign more often than not but spread continuously ("format_rate" in the
-results, the share of its target predictions near +-1, says how much of the format it produces in context).
+context: the sign is right as often as a fine-tuned model's, but the values are not the squared-error optimum (a
+hedged value in [-1, 1]); what fine-tuning can gain here is the output mapping, i.e. the format.
 
 Held-out evaluation: fresh linear tasks (the pretraining distribution, as the paper's held-out few-shot tasks), the
 squared error of the prediction after k in-context examples for k in icl_k (every k from one forward pass: the model
-is causal). Format-leak rate: the share of those predictions within leak_tolerance of -1 or +1 (the paper: the share
-of held-out outputs that are True/False). A perfect regressor also lands there sometimes: chance_leak is the share
-of the true held-out labels in the same band.
+is causal). Format leak, over those predictions: leak_rate = the share within leak_tolerance of -1 or +1 (the paper:
+the share of held-out outputs that are True/False); range_rate = the share with |y^| <= 1 + leak_tolerance, inside
+the target's output range, where a squared-error model of +-1 labels puts its hedged answers. A perfect regressor
+also lands there sometimes: chance_leak and chance_range are the same shares of the true held-out labels.
 
 Arms, budget-matched as the paper (FT 1000 steps, PT 5000, ProMoT 5000 + 1000), each stage keeping its best
 checkpoint on a held-out split of the target data (checkpoints every 1/10 of a fine-tuning stage, every 1/5 of a
@@ -29,11 +30,12 @@ prompt-tuning stage, as the paper's every 100 of 1000 and every 1000 of 5000):
   mix     plain fine-tuning with mix_fraction of every batch drawn from the pretraining regression data (not in the
           paper: a comparison arm)
 pt's held-out numbers are the base model's by construction (the model is unchanged and the prompt is removed).
-Different from the paper: AdamW instead of Adafactor, no dropout or label smoothing, the learning rates below.
+Different from the paper: squared error instead of cross-entropy, AdamW instead of Adafactor, no dropout or label
+smoothing; learning rates: see PromotConfig.
 
 Usage:
   python promot_regression.py --quick --out runs/promot-quick        # CPU, <= 5 minutes on 2 cores
-  python promot_regression.py --out runs/promot --time-budget 1500   # full size on the GPU(s); re-run to continue
+  python promot_regression.py --out runs/promot --time-budget 540    # full size on the GPU(s); re-run to continue
   (also `python synthetic.py promot ...`, which calls main())
 """
 import argparse
