@@ -416,7 +416,7 @@ def bench_synthetic(argv):
     from contextlib import nullcontext
 
     import icl_regression as R
-    import synthetic as S
+    import cft_regression as S
     parser = argparse.ArgumentParser(prog="bench.py synthetic", description=bench_synthetic.__doc__)
     parser.add_argument("--tiny", action="store_true", help="the test-sized model (CPU smoke test)")
     args = parser.parse_args(argv)
