@@ -200,7 +200,7 @@ def plot_results(out: Path) -> list[Path]:
                 chosen = [m for m, _ in runs if m["task"] == task and m["method"] == method]
                 for i, meta in enumerate(chosen):
                     ax.plot([h["step"] for h in meta["history"]], [h.get(key, math.nan) for h in meta["history"]],
-                            color=color, alpha=0.7, label=method if i == 0 else None)
+                            color=color, alpha=0.7, marker=".", ms=3, label=method if i == 0 else None)
             ax.set(title=f"{task}: {METRICS[key]}", xlabel="fine-tuning step", ylabel="cosine with (1 + 2wᵀx)w")
             ax.legend()
     written.append(save_figure(plt, fig, out / "inner_product.png"))
@@ -222,7 +222,10 @@ def plot_results(out: Path) -> list[Path]:
 
 
 def verdicts(results: dict) -> dict:
-    """Per paper claim, whether it holds in this setting, with the numbers that decide it."""
+    """Per claim, (holds in this setting?, the numbers that decide it). error: CFT's error is the lowest on every
+    class. alignment: CFT's polynomial inner product (tied) beats CPT's and NEG-CFT's by >= 0.1, the paper's ordering
+    (whether its level is reached, ALIGNMENT_BARS, is stated beside). copying: a context probe (pairs shuffled, or
+    on fresh x's) raises CFT's error more than 2x on some class."""
     found = {}
     if all(m in results.get(t, {}) for t in FINETUNE_TASKS for m in FINETUNE_METHODS):
         wins = {t: results[t]["cft"]["mse"] < min(results[t]["cpt"]["mse"], results[t]["neg-cft"]["mse"])
@@ -232,31 +235,40 @@ def verdicts(results: dict) -> dict:
                           (f" (not on {', '.join(lost)})" if lost else ""))
     poly = results.get("polynomial", {})
     if all("inner_product_tied" in poly.get(m, {}) for m in FINETUNE_METHODS):
-        values = {m: poly[m]["inner_product_tied"] for m in FINETUNE_METHODS}
-        ok = all(values[m] >= bar if op == ">=" else values[m] <= bar for m, (op, bar) in ALIGNMENT_BARS.items())
-        found["alignment"] = (ok, "polynomial inner product (tied): " + ", ".join(
-            f"{m} {values[m]:.3f} (bar {op} {bar})" for m, (op, bar) in ALIGNMENT_BARS.items()))
-    ratios = {t: r["cft"]["mse_permuted_context"] / max(r["cft"]["mse"], 1e-12) for t, r in results.items()
-              if "mse_permuted_context" in r.get("cft", {})}
+        v = {m: poly[m]["inner_product_tied"] for m in FINETUNE_METHODS}
+        level = all(v[m] >= bar if op == ">=" else v[m] <= bar for m, (op, bar) in ALIGNMENT_BARS.items())
+        found["alignment"] = (v["cft"] >= max(v["cpt"], v["neg-cft"]) + 0.1, "polynomial inner product (tied): " +
+                              ", ".join(f"{m} {v[m]:.3f}" for m in FINETUNE_METHODS) + "; the paper's level (" +
+                              ", ".join(f"{m} {op} {bar}" for m, (op, bar) in ALIGNMENT_BARS.items()) +
+                              (") met" if level else ") not met"))
+    probed = {t: r["cft"] for t, r in results.items() if "mse_permuted_context" in r.get("cft", {})}
+    ratios = {t: [r[f"mse_{probe}_context"] / max(r["mse"], 1e-12) for probe in ("permuted", "fresh")]
+              for t, r in probed.items()}
     if ratios:
-        found["copying"] = (any(v > 2 for v in ratios.values()), "CFT error with the context shuffled / as trained: "
-                            + ", ".join(f"{t} x{v:.3g}" for t, v in ratios.items()))
+        found["copying"] = (max(max(v) for v in ratios.values()) > 2, "CFT's error with the context shuffled / on "
+                            "fresh x's, over its error as trained: " +
+                            ", ".join(f"{t} x{a:.3g} / x{b:.3g}" for t, (a, b) in ratios.items()))
     return found
 
 
 def claim_line(claim: str, per_setting: dict, faithful: dict) -> str:
-    """reproduced / reproduced only with fresh context / not reproduced, from the settings where the claim holds."""
+    """A paper claim: reproduced / reproduced only with fresh context / not reproduced, from the settings where it
+    holds. copying (no paper claim): found / not found."""
     holds = [s for s, v in per_setting.items() if claim in v and v[claim][0]]
     tested = [s for s, v in per_setting.items() if claim in v]
     if not tested:
         return f"- {claim}: not measured"
-    if any(faithful[s] for s in holds):
+    if claim == "copying":
+        verdict = "found" if holds else "not found"
+    elif any(faithful[s] for s in holds):
         verdict = "reproduced"
     elif holds:
         verdict = "reproduced only with fresh context"
     else:
         verdict = "not reproduced"
-    return f"- {claim}: **{verdict}** (holds in: {', '.join(holds) or 'none'}; tested: {', '.join(tested)})"
+    copies = lambda name: claim != "copying" and per_setting[name].get("copying", (False,))[0]
+    where = ", ".join(name + (" (copies f(x) there)" if copies(name) else "") for name in holds) or "none"
+    return f"- {claim}: **{verdict}** (holds in: {where}; tested: {', '.join(tested)})"
 
 
 def summarise_settings(root: Path, names: list[str]) -> tuple[str, dict]:
@@ -281,8 +293,8 @@ def summarise_settings(root: Path, names: list[str]) -> tuple[str, dict]:
     claims = ["## Paper claims", "",
               claim_line("error", per_setting, faithful) + " — CFT has the lowest error on every class",
               claim_line("alignment", per_setting, faithful) + " — CFT's input gradient aligns with g's (polynomial)",
-              claim_line("copying", per_setting, faithful) + " — (not a paper claim) the CFT model copies f(x) from "
-                                                              "the context", ""]
+              claim_line("copying", per_setting, faithful) + " — (no paper claim) the CFT model reads f(x) off the "
+                                                              "context instead of computing g", ""]
     return "\n".join(claims + text), data
 
 
@@ -303,10 +315,11 @@ def plot_mechanism(root: Path, names: list[str], path: Path) -> Path | None:
             if not steps:
                 continue
             values = [[c[s] for c in curves] for s in steps]
-            ax.plot(steps, [sum(v) / len(v) for v in values], color=color, label=method)
+            ax.plot(steps, [sum(v) / len(v) for v in values], color=color, marker=".", ms=3, label=method)
             ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2)
         for method, value in OFFICIAL_INNER_PRODUCT["polynomial"].items():
             ax.axhline(value, color=("C0", "C1", "C2")[FINETUNE_METHODS.index(method)], ls=":", lw=1)
+        ax.plot([], [], color="gray", ls=":", lw=1, label="paper, step 40k")
         ax.set(title=name, xlabel="fine-tuning step", ylabel="polynomial inner product (tied)", ylim=(-0.2, 1.05))
         ax.legend()
     return save_figure(plt, fig, path)

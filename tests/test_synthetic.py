@@ -14,6 +14,7 @@ import torch
 import cft_regression as C
 import icl_regression as R
 import synthetic as S
+import synthetic_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEST = ["--preset", "test", "--device", "cpu"]
@@ -139,11 +140,13 @@ def test_summary_gives_a_verdict_per_claim(faithful_grid, fresh_polynomial, tmp_
     shutil.copytree(fresh_polynomial, root / "rope-fresh")
     S.main(["summary", "--out", str(root)])
     text = (root / "summary.md").read_text()
-    assert "- error: **reproduced** (holds in: rope-faithful" in text
-    assert "- copying: **reproduced** (holds in: rope-faithful;" in text
+    assert "- error: **reproduced** (holds in: rope-faithful (copies f(x) there);" in text
+    assert "- alignment: **reproduced only with fresh context** (holds in: rope-fresh;" in text
+    assert "- copying: **found** (holds in: rope-faithful;" in text
     data = json.loads((root / "summary.json").read_text())
     assert data["rope-faithful"]["verdicts"]["copying"]["holds"] is True
-    assert "alignment" in data["rope-fresh"]["verdicts"] and "error" not in data["rope-fresh"]["verdicts"]
+    assert data["rope-fresh"]["verdicts"]["alignment"]["holds"] is True and "error" not in data["rope-fresh"]["verdicts"]
+    assert (root / "mechanism.png").is_file() == (synthetic_results.pyplot() is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
