@@ -126,7 +126,7 @@ CASES = [
     case_file_flag("prompts-not-strings", "--prompts", lambda b, u: (u / "p.json").write_text('["a", 3]')
                    and u / "p.json", "expected a JSON list of strings"),
     case_file_flag("prompts-not-utf8", "--prompts", lambda b, u: (u / "p.txt").write_bytes(b"\xff\xfe bad\n")
-                   and u / "p.txt", "p.txt: no prompts found"),
+                   and u / "p.txt", "p.txt: not UTF-8 text"),
     case_file_flag("prompts-missing", "--prompts", lambda b, u: u / "p.txt", "--prompts: "),
     # --instruct-data / --general-data
     case_file_flag("instruct-missing", "--instruct-data", lambda b, u: u / "i.jsonl", "--instruct-data: "),
