@@ -61,7 +61,7 @@ def run_all(cfg: SyntheticConfig, out: Path, device, deadline: float = math.inf,
     False when the deadline came first (re-run the same command to continue)."""
     if not pretrain(cfg, out, device, deadline, compile=compile_pretrain):
         return False
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and torch.cuda.is_initialized():
         torch.cuda.empty_cache()  # hand pretraining's cached activation memory to the fine-tuning processes
     runs = [(task, method, seed) for task in FINETUNE_TASKS for method in FINETUNE_METHODS for seed in range(cfg.seeds)]
     if jobs <= 1:

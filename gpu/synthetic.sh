@@ -30,6 +30,7 @@ START=$(date +%s)
 left() { echo $(( BUDGET - RESERVE - ($(date +%s) - START) )); }
 COMMON=(--preset "$PRESET" --seeds "$SEEDS" --device "$DEVICE" ${EXTRA_FLAGS:-})  # EXTRA_FLAGS: word-split
 LEARNED=(--position learned --recipe official ${OFFICIAL_STEPS:+--finetune-steps "$OFFICIAL_STEPS"})
+LEARNED_COMPILE=${FT_COMPILE:+--compile}  # FT_COMPILE=1: torch.compile each learned-official process (untested on GPU)
 mkdir -p "$ROOT/logs"
 
 if [ "$DEVICE" = cpu ]; then
@@ -73,7 +74,7 @@ learned_setting() {
     while kill -0 "$ROPE_PID" 2> /dev/null; do sleep 5; done
   fi
   python synthetic.py all --out "$ROOT/learned-official" "${COMMON[@]}" "${LEARNED[@]}" --jobs "$LEARNED_JOBS" \
-    --time-budget "$(left)" > "$ROOT/logs/learned-official.log" 2>&1
+    $LEARNED_COMPILE --time-budget "$(left)" > "$ROOT/logs/learned-official.log" 2>&1
   tail -n 1 "$ROOT/logs/learned-official.log"
 }
 
