@@ -52,7 +52,7 @@ class SyntheticConfig(RegressionConfig):
     # bf16, clip 1.0); "official" is OFFICIAL_RECIPE
     recipe: str = option("fast", "fine-tuning recipe: fast (the preset's schedule) or official (Adam 1e-4 constant, "
                                  "batch 64, fp32, no clip, 50k steps, relu 100k)", choices=RECIPES)
-    finetune_steps: int = option(1500, "fine-tuning steps per run (relu: times relu_steps_factor)")
+    finetune_steps: int = option(1500, "fine-tuning steps per run (relu: twice that under --recipe official)")
     finetune_batch: int = option(128, "fine-tuning prompts per step")
     finetune_lr: float = option(2e-4, "fine-tuning learning rate (after warm-up; constant)")
     finetune_warmup: int = 50
