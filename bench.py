@@ -209,7 +209,8 @@ def log_log_slope(ks, times) -> float:
 
 
 def bench_ct(argv):
-    import context_tuning as ct
+    import ct_methods
+    import ct_tokens
     from lora import merge_lora
     from model import ModelConfig, create_model, prefill
     parser = argparse.ArgumentParser(prog="bench.py ct", description="context tuning: time per optimisation step and "
@@ -237,12 +238,12 @@ def bench_ct(argv):
     rows, times = [], {}
     for size, cfg in sizes.items():
         model = create_model(cfg, device, dtype, seed=0).eval().requires_grad_(False)
-        io = ct.TokenIO(model)
+        io = ct_tokens.TokenIO(model)
         for k in ks:
             gen = torch.Generator().manual_seed(k)
-            demos = [ct.token_demo(model, torch.randint(3, cfg.vocab_size, (L,), generator=gen).tolist(), L - 8)
+            demos = [ct_tokens.token_demo(model, torch.randint(3, cfg.vocab_size, (L,), generator=gen).tolist(), L - 8)
                      for _ in range(k)]
-            ep = ct.Episode(ct.token_lead(model, 1), demos)
+            ep = ct_methods.Episode(ct_tokens.token_lead(model, 1), demos)
             P = ep.context().shape[1]
             for method in methods:
                 row_len = {"ct-kv": L, "ct-prompt": P + L, "ttt": P}[method]
@@ -253,7 +254,7 @@ def bench_ct(argv):
                     if cuda:
                         torch.cuda.synchronize()
                     stamps.append(time.perf_counter())
-                tune = ct.TuneConfig(steps=1 + steps, micro_batch=per_forward if per_forward < k else 0,
+                tune = ct_methods.TuneConfig(steps=1 + steps, micro_batch=per_forward if per_forward < k else 0,
                                      progress=False, on_step=on_step)
                 if cuda:
                     torch.cuda.empty_cache()
@@ -261,11 +262,11 @@ def bench_ct(argv):
                 base = torch.cuda.memory_allocated() if cuda else 0
                 try:
                     if method == "ct-kv":
-                        ct.tune_kv(model, io, ep, prefill(model, embeds=ep.context()), tune, ep.spans(), 0.05)
+                        ct_methods.tune_kv(model, io, ep, prefill(model, embeds=ep.context()), tune, ep.spans(), 0.05)
                     elif method == "ct-prompt":
-                        ct.tune_prompt(model, io, ep, ep.context(), tune, ep.spans(), 0.05)
+                        ct_methods.tune_prompt(model, io, ep, ep.context(), tune, ep.spans(), 0.05)
                     else:
-                        ct.tune_lora(model, io, ep, tune)
+                        ct_methods.tune_lora(model, io, ep, tune)
                 except torch.OutOfMemoryError:
                     rows.append((size, k, P, method, "OOM", "", ""))
                     continue

@@ -30,12 +30,10 @@ import scoring
 from atomic import FolderInUse, write_text
 from config_flags import add_config_flags, config_from_args, option
 from ct_methods import METHODS, RECIPES, TTT_TARGETS, TuneConfig, adapt_tasks
-from ct_methods import Episode, tune_kv, tune_lora, tune_prompt  # noqa: F401 (bench.py reads them from here)
 from ct_regression import CT_REPRODUCTIONS, CTQuickConfig
 from ct_reproduction import reproduction_config, run_reproduction
 from ct_timing import TIMING_SHAPES, run_timing
 from ct_tokens import TokenIO, newline_ids, token_episode
-from ct_tokens import token_demo, token_lead  # noqa: F401 (bench.py reads them from here)
 from data import Tokenizer, read_jsonl, require_field
 from hf_checkpoint import check_memory, inference_bytes, load_pretrained, resolve_model
 from lora import load_peft_adapter
