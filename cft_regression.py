@@ -135,7 +135,7 @@ class Prompt:
     first_position: int = 0
 
 
-def predict(model, prompt: Prompt, xs=None) -> torch.Tensor:
+def prompt_predictions(model, prompt: Prompt, xs=None) -> torch.Tensor:
     """The model's predictions (B, n_context + k) at every x token of the prompt (xs: a replacement of prompt.xs)."""
     xs = prompt.xs if xs is None else xs
     if prompt.first_position == 0:
@@ -185,7 +185,7 @@ def permute_context(prompt: Prompt, gen: torch.Generator) -> Prompt:
 
 def squared_errors(model, prompt: Prompt) -> torch.Tensor:
     """(B, k) squared error at every evaluated position (the pairs after the context)."""
-    preds = predict(model, prompt).float()
+    preds = prompt_predictions(model, prompt).float()
     return (preds[:, prompt.n_context:] - prompt.ys[:, prompt.n_context:].float()) ** 2
 
 
@@ -209,7 +209,7 @@ def inner_products(model, prompt: Prompt, batch: TaskBatch, chunk: int = 64) -> 
         part = dataclasses.replace(prompt, xs=prompt.xs[rows], ys=prompt.ys[rows])
         xs = part.xs.detach().clone().requires_grad_(True)  # a fresh leaf: each token position is its own input
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(predict(model, part, xs)[:, -1].float().sum(), xs)
+            (grad,) = torch.autograd.grad(prompt_predictions(model, part, xs)[:, -1].float().sum(), xs)
         query.append(grad[:, -1])
         tied.append(grad[:, -1] + grad[:, part.n_context - 1] if part.context_is_query else grad[:, -1])
     query, tied, x = torch.cat(query), torch.cat(tied), batch.xs[:, -1]

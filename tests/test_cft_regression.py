@@ -160,7 +160,7 @@ def official_inner_product(model, prompt: C.Prompt, batch) -> float:
     for b in range(len(batch.xs)):
         def last_prediction(x):
             xs = torch.cat([x, x], dim=1) if prompt.context_is_query else torch.cat([prompt.xs[b:b + 1, :-k], x], 1)
-            return C.predict(model, dataclasses.replace(prompt, xs=xs, ys=prompt.ys[b:b + 1]))[:, -1]
+            return C.prompt_predictions(model, dataclasses.replace(prompt, xs=xs, ys=prompt.ys[b:b + 1]))[:, -1]
         jacobian = torch.autograd.functional.jacobian(last_prediction, batch.xs[b:b + 1].clone())
         rows = F.normalize(jacobian[0, 0], p=2, dim=1)
         w = batch.w[b]  # official: intermediate = 2 (xs @ w_b); projection = w_b + intermediate[:, -1] w_b
@@ -195,7 +195,7 @@ def test_learned_positions_see_absolute_offsets_and_cpt_sits_after_the_context()
         prompt, batch = C.sample_prompt(cfg, "polynomial", "cpt", 4, seeded(6))
         assert prompt.first_position == 2 * cfg.n_points
         at_zero = model(prompt.xs, prompt.ys)
-        official = C.predict(model, prompt)
+        official = C.prompt_predictions(model, prompt)
         explicit = model(prompt.xs, prompt.ys, positions=torch.arange(2 * cfg.n_points) + 2 * cfg.n_points)
     assert torch.equal(official, explicit) and not torch.allclose(official, at_zero, atol=1e-3)
 
