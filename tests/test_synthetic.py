@@ -145,7 +145,8 @@ def test_summary_gives_a_verdict_per_claim(faithful_grid, fresh_polynomial, tmp_
     assert "- copying: **found** (holds in: rope-faithful;" in text
     data = json.loads((root / "summary.json").read_text())
     assert data["rope-faithful"]["verdicts"]["copying"]["holds"] is True
-    assert data["rope-fresh"]["verdicts"]["alignment"]["holds"] is True and "error" not in data["rope-fresh"]["verdicts"]
+    fresh = data["rope-fresh"]["verdicts"]
+    assert fresh["alignment"]["holds"] is True and "error" not in fresh  # one task only: no error verdict
     assert (root / "mechanism.png").is_file() == (synthetic_results.pyplot() is not None)
 
 
