@@ -26,6 +26,7 @@ from ct_methods import METHODS, adapt_tasks, stack_episodes
 from ct_regression import (CT_REPRODUCTIONS, SWEEP_LRS, SWEEP_LRS_DEFAULT, SWEPT, TASK_FAMILIES, CTQuickConfig,
                            RegressionIO, regression_backbone, regression_episode, regression_errors,
                            regression_tune_config, sample_family)
+from metrics import mean_std_ci95
 
 ABLATION = {"ct-kv (leave-one-out + dropout)": (True, True), "ct-kv (leave-one-out only)": (True, False),
             "ct-kv (dropout only)": (False, True), "ct-kv (neither)": (False, False)}
@@ -157,21 +158,10 @@ def run_grid(reg, q: CTQuickConfig, records: dict, save_records, deadline=math.i
 # Statistics
 
 
-def t_quantile_975(df: int) -> float:
-    """The 97.5% quantile of Student's t with df degrees of freedom (Cornish-Fisher expansion around the normal's
-    1.96; within 1e-3 of the exact value for df >= 3)."""
-    if df <= 0:
-        return math.nan
-    z, n = 1.959963984540054, float(df)
-    return (z + (z ** 3 + z) / (4 * n) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * n ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * n ** 3)
-            + (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / (92160 * n ** 4))
-
-
 def mean_ci95(values) -> tuple[float, float]:
     """(mean, half-width of its 95% confidence interval); the half-width is nan for fewer than two values."""
-    mean, std = icl.mean_std(list(values))
-    return mean, (t_quantile_975(len(values) - 1) * std / math.sqrt(len(values)) if len(values) > 1 else math.nan)
+    mean, _, half = mean_std_ci95(values)
+    return mean, half
 
 
 def cell_errors(q: CTQuickConfig, records: dict, family: str, k: int) -> dict:

@@ -7,24 +7,20 @@ that the spread of the raw errors across seeds would hide.
 """
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 from atomic import atomic_write, write_text
+from metrics import mean_std_ci95
 
-# two-sided 95% t quantiles by degrees of freedom (seeds - 1); 1.96 beyond
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 ARM_LABELS = {"ft": "FT (plain fine-tuning)", "pt": "PT (prompt tuning = ProMoT stage 1)",
               "promot": "ProMoT (prompt removed at held-out evaluation)", "lora": "LoRA (not in the paper)",
               "mix": "FT + regression mix (not in the paper)"}
 
 
 def seed_stat(values) -> dict:
-    values = [float(v) for v in values]
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "ci95": T_95.get(n - 1, 1.96) * std / math.sqrt(n) if n > 1 else 0.0, "n": n}
+    values = list(values)
+    mean, std, half = mean_std_ci95(values)
+    return {"mean": mean, "std": std, "ci95": half if len(values) > 1 else 0.0, "n": len(values)}
 
 
 def read_arm_results(out: Path, arm: str, job: str) -> list[dict]:

@@ -60,3 +60,12 @@ def test_exact_match_and_leak():
     assert mt.exact_match(" B\n", "B") and not mt.exact_match(" B. Tell the attending", "B")
     assert mt.leaked(" True", ["True", "False"]) and mt.leaked("false.", ["True", "False"])
     assert not mt.leaked(" True story", ["True", "False"])
+
+
+def test_t_interval_over_seeds_or_tasks():
+    assert mt.t_quantile_975(2) == 4.303  # the table, where the expansion is poor
+    assert mt.t_quantile_975(5) == pytest.approx(2.5706, abs=2e-3)
+    assert mt.t_quantile_975(30) == pytest.approx(2.0423, abs=1e-3)
+    mean, std, half = mt.mean_std_ci95([1.0, 2.0, 6.0])
+    assert (mean, std) == pytest.approx((3.0, 2.6457513)) and half == pytest.approx(4.303 * std / 3 ** 0.5)
+    assert mt.mean_std_ci95([5.0])[1] == 0.0
