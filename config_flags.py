@@ -17,6 +17,13 @@ import types
 import typing
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line `error: ...` (argparse prints the usage too), exit status 1."""
+
+    def error(self, message):
+        raise SystemExit(f"error: {message} (see --help)")
+
+
 def option(default, help: str, **argparse_kwargs):
     """A dataclass field with its command-line help (and choices, metavar, nargs... for argparse)."""
     factory = dataclasses.MISSING

@@ -13,7 +13,6 @@ ct_reproduction.py on icl_regression.py's regression transformer; `--time` runs 
   python context_tuning.py --quick --out runs/ct                                 # CPU reproduction, <= 5 minutes
   python context_tuning.py --reproduce full --out runs/ct-full --budget 1500     # GPU reproduction (gpu/ct.sh)
 """
-import argparse
 import json
 import math
 import random
@@ -28,7 +27,7 @@ from tqdm import tqdm
 import benchmark_data as bd
 import scoring
 from atomic import FolderInUse, write_text
-from config_flags import add_config_flags, config_from_args, option
+from config_flags import OneLineParser, add_config_flags, config_from_args, option
 from ct_methods import METHODS, RECIPES, TTT_TARGETS, TuneConfig, adapt_tasks
 from ct_regression import CT_REPRODUCTIONS, CTQuickConfig
 from ct_reproduction import reproduction_config, run_reproduction
@@ -337,13 +336,8 @@ def check_ranges(args):
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
 
 
-class CTArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; the project's rule is one line
-        raise SystemExit(f"error: {message} (see --help)")
-
-
 def main(argv=None):
-    parser = CTArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     add_config_flags(parser, CTRunConfig)
     add_config_flags(parser, TuneConfig)
     add_config_flags(parser, CTQuickConfig)

@@ -34,7 +34,7 @@ from answer_generation import MISSING, finben_label, gather_answers, generate_an
 from benchmark_data import (CLASSIFICATION, DATA_LAYOUT, DEFAULT_DATA_DIR, DEFAULT_SHOTS, HARNESS_NAMES, ICL_SHOTS,
                             ICL_TASKS, LIMIT_MODES, MMLU_SUBJECTS, PROMPT_TEMPLATES, TASKS, TEST_FILES, DataError,
                             build_questions, describe_subset, select_questions, task_labels)
-from config_flags import add_config_flags, config_from_args, option
+from config_flags import OneLineParser, add_config_flags, config_from_args, option
 from data import Tokenizer
 from distributed import Dist, setup_distributed, shutdown_distributed
 from eval_report import (claimed_output, check_new_path, compare_results, comparison_csv, generated_sample,
@@ -293,11 +293,6 @@ def print_run(run: Run, s: dict, original: int) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # CLI
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; the project's rule is one line
-        raise SystemExit(f"error: {message} (see --help)")
 
 
 def default_name(cfg: EvalConfig) -> str:

@@ -33,3 +33,12 @@ def test_defaults_live_in_the_dataclass_and_flags_override_them():
         parse(["--method", "neg"])
     with pytest.raises(SystemExit):
         parse(["--internal", "4"])
+
+
+def test_one_line_parser_turns_a_bad_flag_into_one_line(capsys):
+    from config_flags import OneLineParser
+    parser = add_config_flags(OneLineParser(), Example)
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["--method", "neg"])
+    assert str(stop.value).startswith("error: argument --method: invalid choice") and "\n" not in str(stop.value)
+    assert capsys.readouterr().err == ""
