@@ -162,3 +162,79 @@ def test_too_long_warning_suggests_fewer_shots_only_when_the_caller_has_some(tok
     assert "past the model's max_seq_len 8" in warning and "shots" not in warning  # a 0-shot prompt: no such advice
     sc.score_options(model, encoded, progress=False, too_long_advice="fewer --shots would fit")
     assert "max_seq_len 8 (fewer --shots would fit)" in capsys.readouterr().err
+
+
+def test_shape_buckets_give_the_same_scores(tokenizer_path):
+    """Padding rows, lengths and the prefix to bucket shapes changes no score: the padded prefix keys are hidden by
+    the mask, positions stay those of the real prefix, padding rows are dropped."""
+    tok = Tokenizer(tokenizer_path)
+    model = create_model(tiny_cfg(), seed=0).eval()
+    encoded = sc.encode_questions(tok, synthetic_questions())
+    plan = sc.plan_batches(model, encoded, 48, 0, True, 0, 1, shape_buckets=True)
+    assert [g.bucketed for g in plan] == [True, False]  # g2 has no cached prefix: SDPA's causal kernel, no buckets
+    for batch_tokens in (48, 256, 4096):
+        for per_row_prefix in (False, True):
+            options = dict(batch_tokens=batch_tokens, progress=False, per_row_prefix=per_row_prefix)
+            plain = sc.score_options(model, encoded, shape_buckets=False, **options)
+            bucketed = sc.score_options(model, encoded, shape_buckets=True, **options)
+            assert torch.allclose(flat(bucketed), flat(plain), atol=1e-5), (batch_tokens, per_row_prefix)
+    halves = [sc.score_options(model, encoded, batch_tokens=256, rank=r, world=2, progress=False, shape_buckets=True)
+              for r in (0, 1)]
+    assert torch.allclose(flat(halves[0]) + flat(halves[1]), flat(plain), atol=1e-5)
+    # a soft prompt (the prefix is [soft prompt] + the group's tokens) and a given prefix_kv are padded alike
+    soft = torch.randn(3, model.cfg.dim, generator=torch.Generator().manual_seed(1))
+    with_soft = [sc.score_options(model, encoded, batch_tokens=256, soft_prompt=soft, progress=False,
+                                  shape_buckets=b) for b in (False, True)]
+    assert torch.allclose(flat(with_soft[1]), flat(with_soft[0]), atol=1e-5)
+    prefix_kv = prefill(model, torch.tensor([[tok.bos_id] + tok.encode("The patient reduced the dose.")]))
+    no_bos = sc.encode_questions(tok, synthetic_questions(), bos=False)
+    given = [sc.score_options(model, no_bos, batch_tokens=256, prefix_kv=prefix_kv, reduction="mean", progress=False,
+                              shape_buckets=b) for b in (False, True)]
+    assert torch.allclose(flat(given[1]), flat(given[0]), atol=1e-5)
+
+
+def varied_questions(seed: int, n: int = 24):
+    """Three groups with cached prefixes of different lengths, question texts of 1 to 40 words."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["the patient", "a doctor", "the drug", "this trial", "the dose", "two weeks", "side effects", "pain"]
+    questions = []
+    for i in range(n):
+        group = i % 3
+        prefix = "The patient reduced the dose in two weeks.\nAnswer: pain\n\n" * (3 + 2 * group)
+        n_words = int(torch.randint(1, 40, (1,), generator=g))
+        text = " ".join(words[int(j)] for j in torch.randint(len(words), (n_words,), generator=g)) + ".\nAnswer:"
+        questions.append(Question(f"g{group}", prefix, text, ("pain", "drug", "dose", "risk"), 0))
+    return questions
+
+
+def test_shape_buckets_bound_the_shapes_given_to_the_model(tokenizer_path):
+    """The shapes the compiled attention sees: without buckets every batch brings a new one; with them each is one of
+    (batch_tokens // L rows, L, prefix bucket), so a second question set of similar lengths brings no new shape."""
+    tok = Tokenizer(tokenizer_path)
+    model = create_model(tiny_cfg(), seed=0).eval()
+    seen = []
+    forward = model.hidden_states
+
+    def recording(tokens=None, **kwargs):
+        if kwargs.get("prefix_kv") is not None:  # a scoring batch (the prefill runs plain causal attention)
+            seen.append((*tokens.shape, kwargs["prefix_kv"][0][0].shape[2]))
+        return forward(tokens, **kwargs)
+    model.hidden_states = recording
+
+    first, second = (sc.encode_questions(tok, varied_questions(seed)) for seed in (0, 1))
+    sc.score_options(model, first, batch_tokens=256, progress=False, shape_buckets=False)
+    unbucketed = set(seen)
+    seen.clear()
+    scores = sc.score_options(model, first, batch_tokens=256, progress=False, shape_buckets=True)
+    bucketed = set(seen)
+    prefixes = {g.group: sc.shared_prefix_len([q.context for q in first if q.group == g.group]) for g in first}
+    lengths = {sc.bucket_length(len(q.context) - prefixes[q.group]) for q in first}
+    assert all(rows == 256 // length and length in lengths and prefix in map(sc.bucket_length, prefixes.values())
+               for rows, length, prefix in bucketed), bucketed
+    assert len(bucketed) <= len(lengths) * len(set(map(sc.bucket_length, prefixes.values())))
+    assert len(bucketed) < len(unbucketed)
+    seen.clear()
+    sc.score_options(model, second, batch_tokens=256, progress=False, shape_buckets=True)
+    assert set(seen) <= bucketed  # compiled once per bucket: new questions of similar lengths reuse the shapes
+    model.hidden_states = forward
+    assert torch.allclose(flat(scores), flat(sc.score_naive(lambda t: model(t), first)), atol=1e-4)
