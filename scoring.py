@@ -15,8 +15,8 @@ Why score_options is fast, with the same numbers as one-question-at-a-time scori
 - The vocabulary projection runs only at the positions that are scored; torchrun ranks split the rows.
 - Shape buckets (on CUDA by default): after a prefix, attention runs compiled FlexAttention kernels, and every new
   (rows, length, prefix length) shape compiles them again (seconds each). Bucketed batches take one of a few fixed
-  shapes instead: lengths and prefix lengths rounded up to a power of two, rows = batch_tokens // length, padding
-  rows dropped, the prefix's padding keys hidden by the mask (model.AttentionMask.hidden_span), positions unchanged.
+  shapes instead: lengths and prefix lengths rounded up to a power of two, rows = batch_tokens // length (a group's
+  last batch: the next power of two below that), padding rows dropped, the prefix's padding keys hidden by the mask (model.AttentionMask.hidden_span), positions unchanged.
 """
 import contextlib
 import sys
@@ -169,20 +169,22 @@ def bucket_length(n: int) -> int:
 
 def bucket_shape(batch: list[ScoringRow], batch_tokens: int) -> tuple[int, int]:
     """(rows, length) of a bucketed batch: its longest row's bucket, and as many rows as batch_tokens holds at that
-    length, so that every batch of one bucket has the same shape (a short last batch gets padding rows)."""
+    length; a short batch (a group's last) gets padding rows up to the next power of two, so that a small group is not
+    padded to a full batch. Shapes per length bucket: log2(batch_tokens / length) + 2 at most."""
     length = bucket_length(len(batch[0].tokens))
-    return max(1, batch_tokens // length), length
+    full = max(1, batch_tokens // length)
+    return min(full, 1 << (len(batch) - 1).bit_length()), length
 
 
 def bucketed_batches(rows: list[ScoringRow], batch_tokens: int) -> list[list[ScoringRow]]:
-    """Rows sorted longest first, each batch filled to its bucket_shape's row count (shorter rows join the batch of a
-    longer one, so only a group's last batch is short)."""
+    """Rows sorted longest first, each batch as many rows as batch_tokens holds at its longest row's bucket length
+    (shorter rows join the batch of a longer one, so only a group's last batch is short)."""
     rows = sorted(rows, key=lambda r: -len(r.tokens))
     batches = []
     while rows:
-        n_rows, _ = bucket_shape(rows, batch_tokens)
-        batches.append(rows[:n_rows])
-        rows = rows[n_rows:]
+        full = max(1, batch_tokens // bucket_length(len(rows[0].tokens)))
+        batches.append(rows[:full])
+        rows = rows[full:]
     return batches
 
 
@@ -314,7 +316,10 @@ def score_options(model, questions: list[EncodedQuestion], *, batch_tokens: int 
                         shape_buckets)
     scores = [[0.0] * len(q.continuations) for q in questions]
     bar = tqdm(total=sum(len(g.batches) for g in plan), desc=desc, disable=not progress or rank != 0)
-    static = torch._dynamo.config.patch(automatic_dynamic_shapes=False) if shape_buckets else contextlib.nullcontext()
+    # Static shapes: a bucket compiles once, for its shape; the bounded set of buckets may pass dynamo's default limit.
+    limit = max(torch._dynamo.config.recompile_limit, 128)
+    static = torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=limit) if shape_buckets \
+        else contextlib.nullcontext()
     with static:
         for group in plan:
             kv = prefix_kv if prefix_kv is not None else group_prefix(model, group.prefix, soft_prompt)

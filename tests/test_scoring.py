@@ -209,7 +209,8 @@ def varied_questions(seed: int, n: int = 24):
 
 def test_shape_buckets_bound_the_shapes_given_to_the_model(tokenizer_path):
     """The shapes the compiled attention sees: without buckets every batch brings a new one; with them each is one of
-    (batch_tokens // L rows, L, prefix bucket), so a second question set of similar lengths brings no new shape."""
+    (batch_tokens // L rows or a power of two below, L, prefix bucket), so a second question set of similar lengths
+    brings no new shape."""
     tok = Tokenizer(tokenizer_path)
     model = create_model(tiny_cfg(), seed=0).eval()
     seen = []
@@ -229,9 +230,12 @@ def test_shape_buckets_bound_the_shapes_given_to_the_model(tokenizer_path):
     bucketed = set(seen)
     prefixes = {g.group: sc.shared_prefix_len([q.context for q in first if q.group == g.group]) for g in first}
     lengths = {sc.bucket_length(len(q.context) - prefixes[q.group]) for q in first}
-    assert all(rows == 256 // length and length in lengths and prefix in map(sc.bucket_length, prefixes.values())
+    prefix_buckets = set(map(sc.bucket_length, prefixes.values()))
+    # rows: a full batch at that length, or a power of two below it (a group's last batch)
+    assert all(length in lengths and prefix in prefix_buckets and (rows == 256 // length or rows & (rows - 1) == 0)
                for rows, length, prefix in bucketed), bucketed
-    assert len(bucketed) <= len(lengths) * len(set(map(sc.bucket_length, prefixes.values())))
+    row_counts = sum((256 // length).bit_length() + 1 for length in lengths)
+    assert len(bucketed) <= row_counts * len(prefix_buckets)
     assert len(bucketed) < len(unbucketed)
     seen.clear()
     sc.score_options(model, second, batch_tokens=256, progress=False, shape_buckets=True)
