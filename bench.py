@@ -296,6 +296,11 @@ def bench_ct(argv):
 # eval: evaluate.py's scoring against transformers scoring the same prompts one question at a time
 
 
+# path name -> (per_row_prefix, shape_buckets) of scoring.score_options
+EVAL_PATHS = {"shared": (False, False), "per-row": (True, False), "shared-buckets": (False, True),
+              "per-row-buckets": (True, True)}
+
+
 def bench_eval(argv):
     from pathlib import Path
 
@@ -316,7 +321,10 @@ def bench_eval(argv):
                         help="laid out as ../shared/data: mmlu-medical/, medqa-usmle-4opt/, llama2-tokenizer/")
     parser.add_argument("--limit", type=int, help="first N questions of each MMLU subject and of MedQA")
     parser.add_argument("--batch-tokens", type=int, default=16384, help="evaluate.py's padded tokens per batch")
+    parser.add_argument("--paths", default=",".join(EVAL_PATHS), help="comma-separated, from: " + ", ".join(EVAL_PATHS))
     args = parser.parse_args(argv)
+    if any(name not in EVAL_PATHS for name in args.paths.split(",")):
+        raise SystemExit(f"error: --paths {args.paths}: expected names from {', '.join(EVAL_PATHS)}")
     try:
         import transformers
     except ImportError:
@@ -364,15 +372,18 @@ def bench_eval(argv):
     # Ours twice per path: the first pass includes compiling attention kernels for its shapes (from a cold cache: dynamo
     # reset, inductor's caches off), naive once after a warm-up. Shared prefix = batch-1 prefix_kv (FlexAttention's
     # folded path on CUDA, no copy); per-row = the same prefix expanded to the batch (plain block mask; attention copies
-    # it per row); shape buckets = batches padded to a few fixed shapes (scoring.py), compiled once per bucket.
-    paths = {"ours, shared prefix": (False, False), "ours, per-row prefix": (True, False),
-             "ours, shared prefix, shape buckets": (False, True),
-             "ours, per-row prefix, shape buckets (default on CUDA)": (True, True)}
+    # it per row); -buckets = batches padded to a few fixed shapes (scoring.py; the default on CUDA), compiled once per
+    # bucket.
+    paths = {f"ours, {name}": EVAL_PATHS[name] for name in args.paths.split(",")}
     if device == "cuda":
         torch._inductor.config.force_disable_caches = True
     shapes, forward = set(), ours.hidden_states
-    ours.hidden_states = lambda *a, **kw: shapes.add((a[0].shape, kw["prefix_kv"][0][0].shape[2])) or forward(
-        *a, **kw) if kw.get("prefix_kv") is not None and a else forward(*a, **kw)
+
+    def recording_shapes(tokens=None, **kwargs):  # the batches after a prefix (a prefill runs SDPA's causal kernel)
+        if kwargs.get("prefix_kv") is not None:
+            shapes.add((*tokens.shape, kwargs["prefix_kv"][0][0].shape[2]))
+        return forward(tokens, **kwargs)
+    ours.hidden_states = recording_shapes
     rows, totals, shape_counts = [], {}, {}
     for name, qs in questions.items():
         scoring.score_naive(naive_logits, qs[:3])  # warm-up
@@ -394,7 +405,7 @@ def bench_eval(argv):
                              "", "", ""))
                 totals.setdefault(path, [0, 0.0, 0.0])[0] = float("nan")
                 continue
-            shape_counts[path] = shape_counts.get(path, 0) + len(shapes)
+            shape_counts[path] = shape_counts.get(path, 0) + len(shapes)  # per task: a new prefix compiles anew
             same = sum(a == b for a, b in zip(scoring.predict(fast), scoring.predict(naive)))
             diff = max(abs(a - b) for fr, nr in zip(fast, naive) for a, b in zip(fr, nr))
             # How close to a tie the disagreements were (bf16 rounding differs between the two implementations).
