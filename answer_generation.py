@@ -10,7 +10,11 @@ label unless a model writes more than that before it.
 
 generate_answers batches the prompts with model.py's `generate` (greedy, KV cache, left padding): a group's token
 prefix (the few-shot demonstrations) is prefilled once and shared by its rows; rows are sorted by length and cut into
-batches of about `batch_tokens` cached positions; torchrun ranks split the rows (gather_answers joins them).
+batches of about `batch_tokens` cached positions; torchrun ranks split the rows (gather_answers joins them). With
+shape buckets (on CUDA by default, as scoring.score_options), the prefill of a batch, whose FlexAttention kernels
+compile for every new shape, takes one of a few: prompts left-padded to a power-of-two length (a pad-token row of
+that length sets it; model.generate's pad_left mask hides the padding), rows padded to a full batch or a power of
+two; padding rows' answers are dropped.
 """
 import sys
 
@@ -18,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from model import generate
-from scoring import MIN_SHARED_PREFIX, group_prefix, shared_prefix_len
+from scoring import MIN_SHARED_PREFIX, bucket_length, group_prefix, shared_prefix_len, static_shapes
 
 MISSING = -1  # the prediction of an output in which no label was found
 
@@ -41,6 +45,23 @@ def generation_batches(lengths: list[int], rows: list[int], max_new_tokens: int,
     return batches + [current] if current else batches
 
 
+def bucketed_generation_batches(lengths, rows: list[int], extra: int, batch_tokens: int, pad_id: int):
+    """[(rows, padding prompts)]: rows longest first, as many per batch as batch_tokens holds at the longest row's
+    bucket_length + extra (the answer's and the shared prefix's positions), one of them kept free for a pad-token
+    prompt of that length when no row has it; one-token padding prompts fill the batch to the full row count or a
+    power of two."""
+    rows = sorted(rows, key=lambda i: -lengths[i])
+    batches = []
+    while rows:
+        length = bucket_length(lengths[rows[0]])
+        full = max(1, batch_tokens // (length + extra))
+        setter = int(lengths[rows[0]] < length)  # the pad-token prompt that makes the batch `length` long
+        batch, rows = rows[:max(1, full - setter)], rows[max(1, full - setter):]
+        n_rows = max(len(batch) + setter, min(full, 1 << (len(batch) + setter - 1).bit_length()))
+        batches.append((batch, [[pad_id] * length] * setter + [[pad_id]] * (n_rows - len(batch) - setter)))
+    return batches
+
+
 def group_plan(prompts: list[list[int]], groups: list[str], rank: int, world: int):
     """[(shared prefix tokens, this rank's row indices)] per group. Rows are split after sorting by length (longest
     first, every world-th), so the ranks get similar work and every world size generates the same answers."""
@@ -59,11 +80,13 @@ def group_plan(prompts: list[list[int]], groups: list[str], rank: int, world: in
 @torch.no_grad()
 def generate_answers(model, prompts: list[list[int]], groups: list[str], *, max_new_tokens: int, eos_id: int,
                      pad_id: int = 0, batch_tokens: int = 8192, soft_prompt=None, rank: int = 0, world: int = 1,
-                     desc: str = "generating", progress: bool = True) -> list[list[int] | None]:
+                     desc: str = "generating", progress: bool = True,
+                     shape_buckets: bool | None = None) -> list[list[int] | None]:
     """The greedy continuation (token ids, cut before eos_id) of each prompt ([BOS] + text); with world > 1 only this
     rank's rows are filled (the others None): join with gather_answers. Prompts of one group that share a prefix of at
     least MIN_SHARED_PREFIX tokens have it prefilled once. soft_prompt (n, dim): vectors before every prompt, as
-    scoring.score_options places them (cft.py's ProMoT layout)."""
+    scoring.score_options places them (cft.py's ProMoT layout). shape_buckets: see the module doc (default: on CUDA);
+    the answers are the same either way."""
     answers = [None] * len(prompts)
     plan = group_plan(prompts, groups, rank, world)
     longest = max(len(p) for p in prompts) + max_new_tokens + (0 if soft_prompt is None else len(soft_prompt))
@@ -71,19 +94,27 @@ def generate_answers(model, prompts: list[list[int]], groups: list[str], *, max_
         print(f"warning: {desc}: prompts and answers of up to {longest} tokens, past the model's max_seq_len "
               f"{model.cfg.max_seq_len}", file=sys.stderr)
     bar = tqdm(total=sum(len(rows) for _, rows in plan), desc=desc, disable=not progress or rank != 0)
-    for prefix, rows in plan:
-        prefix_kv = group_prefix(model, prefix, soft_prompt)
-        rests = {i: prompts[i][len(prefix):] for i in rows}
-        lengths = {i: len(prefix) + len(rest) for i, rest in rests.items()}
-        for batch in generation_batches(lengths, rows, max_new_tokens, batch_tokens):
-            kv = prefix_kv
-            if kv is not None and len(batch) > 1:  # a view per row: the plain (not folded) attention path on CUDA
-                kv = [(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in kv]
-            outputs = generate(model, [rests[i] for i in batch], max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                               prefix_kv=kv)
-            for i, output in zip(batch, outputs):
-                answers[i] = output
-            bar.update(len(batch))
+    if shape_buckets is None:
+        shape_buckets = model.embed_tokens.weight.device.type == "cuda"
+    with static_shapes(shape_buckets):
+        for prefix, rows in plan:
+            prefix_kv = group_prefix(model, prefix, soft_prompt)
+            rests = {i: prompts[i][len(prefix):] for i in rows}
+            lengths = {i: len(prefix) + len(rest) for i, rest in rests.items()}
+            if shape_buckets:  # the rows' own lengths set the shapes (the prefix is the same for every batch)
+                batches = bucketed_generation_batches({i: len(r) for i, r in rests.items()}, rows,
+                                                      max_new_tokens + len(prefix), batch_tokens, pad_id)
+            else:
+                batches = [(batch, []) for batch in generation_batches(lengths, rows, max_new_tokens, batch_tokens)]
+            for batch, padding in batches:
+                kv, n_rows = prefix_kv, len(batch) + len(padding)
+                if kv is not None and n_rows > 1:  # a view per row: the plain (not folded) attention path on CUDA
+                    kv = [(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1)) for k, v in kv]
+                outputs = generate(model, [rests[i] for i in batch] + padding, max_new_tokens, eos_id=eos_id,
+                                   pad_id=pad_id, prefix_kv=kv)
+                for i, output in zip(batch, outputs):  # padding rows come last and are dropped
+                    answers[i] = output
+                bar.update(len(batch))
     bar.close()
     return answers
 

@@ -188,6 +188,15 @@ def bucketed_batches(rows: list[ScoringRow], batch_tokens: int) -> list[list[Sco
     return batches
 
 
+def static_shapes(enabled: bool):
+    """A context in which torch.compile keeps shapes static (dynamo's automatic dynamic shapes off: a bucket compiles
+    once, for its own shape) and may compile more shapes than its default limit (the buckets are a bounded set)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    limit = max(torch._dynamo.config.recompile_limit, 128)
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=limit)
+
+
 @dataclass
 class GroupPlan:
     prefix: list[int]                    # the group's shared tokens, prefilled once (empty: none)
@@ -316,11 +325,7 @@ def score_options(model, questions: list[EncodedQuestion], *, batch_tokens: int 
                         shape_buckets)
     scores = [[0.0] * len(q.continuations) for q in questions]
     bar = tqdm(total=sum(len(g.batches) for g in plan), desc=desc, disable=not progress or rank != 0)
-    # Static shapes: a bucket compiles once, for its shape; the bounded set of buckets may pass dynamo's default limit.
-    limit = max(torch._dynamo.config.recompile_limit, 128)
-    static = torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=limit) if shape_buckets \
-        else contextlib.nullcontext()
-    with static:
+    with static_shapes(shape_buckets):
         for group in plan:
             kv = prefix_kv if prefix_kv is not None else group_prefix(model, group.prefix, soft_prompt)
             for results in score_group(model, group, kv, batch_tokens, per_row_prefix):

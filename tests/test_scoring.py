@@ -6,11 +6,12 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import scoring as sc
+from answer_generation import generate_answers
 from benchmark_data import Question
 from conftest import tiny_cfg
 from data import Tokenizer
 from evaluate import load_soft_prompt
-from model import create_model, prefill
+from model import create_model, generate, prefill
 
 
 def forced_model(bias):
@@ -242,3 +243,33 @@ def test_shape_buckets_bound_the_shapes_given_to_the_model(tokenizer_path):
     assert set(seen) <= bucketed  # compiled once per bucket: new questions of similar lengths reuse the shapes
     model.hidden_states = forward
     assert torch.allclose(flat(scores), flat(sc.score_naive(lambda t: model(t), first)), atol=1e-4)
+
+
+def test_generation_shape_buckets_give_the_same_answers_in_few_prefill_shapes(tokenizer_path):
+    """answer_generation's buckets: a pad-token prompt sets the bucket length (model.generate's pad_left mask hides
+    the extra left padding from the real rows), padding rows are dropped; the answers equal one prompt at a time."""
+    tok = Tokenizer(tokenizer_path)
+    model = create_model(tiny_cfg(), seed=0).eval()
+    questions = varied_questions(2, n=12)
+    prompts, groups = [e.context for e in sc.encode_questions(tok, questions)], [q.group for q in questions]
+    plain = [generate(model, [p], 4)[0] for p in prompts]
+    prefills, forward = [], model.hidden_states
+
+    def recording(tokens=None, **kwargs):
+        if kwargs.get("mask") is not None and kwargs.get("cache") is not None and kwargs["cache"].length == 0:
+            prefills.append(tuple(tokens.shape))  # model.generate's prefill of a batch (then one-token steps)
+        return forward(tokens, **kwargs)
+    model.hidden_states = recording
+    shapes = {}
+    for buckets in (False, True):
+        for batch_tokens in (1, 200, 4096):  # one row per batch (+ the length-setting row), several, all at once
+            prefills.clear()
+            answers = generate_answers(model, prompts, groups, max_new_tokens=4, eos_id=None,
+                                       batch_tokens=batch_tokens, progress=False, shape_buckets=buckets)
+            assert answers == plain, (buckets, batch_tokens)
+            shapes[buckets, batch_tokens] = set(prefills)
+    assert all(length == sc.bucket_length(length) for _, length in shapes[True, 200])
+    assert len(shapes[True, 200]) < len(shapes[False, 200])
+    halves = [generate_answers(model, prompts, groups, max_new_tokens=4, eos_id=None, batch_tokens=200, rank=r,
+                               world=2, progress=False, shape_buckets=True) for r in (0, 1)]
+    assert [a if a is not None else b for a, b in zip(*halves)] == plain
