@@ -8,13 +8,15 @@
 #
 # Env: BUDGET seconds for everything (default 1500); DATA (default .gpu/eval-data, laid out as ../shared/data);
 # MODEL preset (default llama2-7b); LIMIT questions per task (default: all); SHOTS (default 5); GEN_TOKENS (8);
+# BATCH_TOKENS (default 32768; evaluate.py's GPU default 16384 holds ~9 rows once a 5-shot prefix is counted per row:
+# 8,628 Causal20 items did not finish in 250 s on 2 x H200);
 # OUT (optional) receives the result files. Resumable: each finished run's JSON in runs/eval/ is kept and skipped
 # on a rerun; an interrupted run's --out placeholder is taken over. Several GPUs in CUDA_VISIBLE_DEVICES: torchrun
 # splits the rows across them.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 BUDGET=${BUDGET:-1500}; DATA=${DATA:-.gpu/eval-data}; MODEL=${MODEL:-llama2-7b}; SHOTS=${SHOTS:-5}
-GEN_TOKENS=${GEN_TOKENS:-8}; LIMIT=${LIMIT:-}
+GEN_TOKENS=${GEN_TOKENS:-8}; LIMIT=${LIMIT:-}; BATCH_TOKENS=${BATCH_TOKENS:-32768}
 START=$(date +%s)
 RUNS=runs/eval; mkdir -p "$RUNS"
 TAG="$MODEL-k$SHOTS${LIMIT:+-limit$LIMIT}"
@@ -33,7 +35,7 @@ for SCORING in generate loglik; do
     T0=$(date +%s.%N)
     timeout --signal=TERM --kill-after=20 "$LEFT" "${LAUNCH[@]}" evaluate.py --random-init --model "$MODEL" \
         --tokenizer "$DATA/llama2-tokenizer/tokenizer.model" --data-dir "$DATA" --tasks fiqa-sa,causal20,multifin \
-        --shots "$SHOTS" --scoring "$SCORING" --gen-tokens "$GEN_TOKENS" ${LIMIT:+--limit "$LIMIT"} --no-progress \
+        --shots "$SHOTS" --scoring "$SCORING" --gen-tokens "$GEN_TOKENS" --batch-tokens "$BATCH_TOKENS" ${LIMIT:+--limit "$LIMIT"} \
         --name "$MODEL random, $SCORING" --out "$RESULT" 2>&1 | grep -v "^W[0-9]\|OMP_NUM" | tee "$RUNS/$TAG-$SCORING.log"
     STATUS=${PIPESTATUS[0]}
     echo "$SCORING: exit $STATUS, wall $(python -c "import time; print(round(time.time() - $T0, 1))") s" \
