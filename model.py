@@ -588,15 +588,43 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature=0.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# CLI: `python model.py --model tiny` (random weights) or `--checkpoint DIR --tokenizer FILE --prompt "..."`
+# CLI: `python model.py --model llama2-7b --prompt "..."` (real weights, resolved as every script resolves them),
+# `--checkpoint DIR`, or `--random-init --model tiny` (random weights of a preset's shape, token ids only)
+
+
+def cli_model(args, dtype) -> tuple["Transformer", "Path | None"]:
+    """The CLI's model and its folder (None for --random-init): a --model name resolves through hf_checkpoint's
+    search (--model-dir, the Hugging Face cache, a path) and is refused with one line when absent; the memory check
+    runs before anything is allocated."""
+    from hf_checkpoint import check_inference_memory, load_pretrained, resolve_model  # below model.py's classes
+    if args.random_init:
+        cfg, folder = ModelConfig.from_name(args.model or "tiny"), None
+        print(f"{args.model or 'tiny'}: random weights (--random-init), {cfg.num_params():,} parameters")
+    else:
+        try:
+            folder = Path(args.checkpoint) if args.checkpoint else resolve_model(args.model, args.model_dir)
+        except ValueError as e:
+            raise ValueError(f"{e} (random weights of a preset: add --random-init)") from None
+        cfg = ModelConfig.from_hf(folder / "config.json")
+        if args.model:
+            print(f"model {args.model}: weights from {folder}")
+    if args.memory_check:
+        check_inference_memory(cfg, args.device, dtype, batch_tokens=args.max_new_tokens + 2048)
+    model = create_model(cfg, args.device, dtype, seed=args.seed) if folder is None else \
+        load_pretrained(folder, args.device, dtype)
+    return model.eval(), folder
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="tiny", help=f"preset when no --checkpoint: {', '.join(MODEL_PRESETS)}")
+    parser.add_argument("--model", help=f"a preset ({', '.join(MODEL_PRESETS)}), a Hugging Face repository id or a "
+                        "folder: real weights, looked up in --model-dir, the Hugging Face cache, then as a path")
+    parser.add_argument("--model-dir", help="a folder of model folders, searched first for --model")
     parser.add_argument("--checkpoint", help="Hugging Face Llama folder (config.json + safetensors)")
-    parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model (needed for --prompt)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="random weights of the --model preset's shape (default tiny): no tokenizer, token ids")
+    parser.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json (default: the checkpoint's own)")
     parser.add_argument("--prompt", default="The patient presented with", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -604,30 +632,29 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=list(PRECISIONS), help="weights' dtype (default bf16 on CUDA, else fp32)")
+    parser.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                        help="skip the estimate of the memory needed against what the device has")
     args = parser.parse_args(argv)
+    if args.checkpoint and (args.model or args.random_init):
+        parser.error("--checkpoint and --model/--random-init: give one")
+    if not (args.checkpoint or args.model or args.random_init):
+        parser.error("give --model NAME (real weights), --checkpoint DIR, or --random-init [--model PRESET]")
     dtype = PRECISIONS[args.precision or default_precision(args.device)]
     torch.manual_seed(args.seed)
     try:
-        if args.checkpoint:
-            from hf_checkpoint import load_pretrained  # below model.py's classes: imported when the CLI needs it
-            model = load_pretrained(args.checkpoint, args.device, dtype)
-        else:
-            cfg = ModelConfig.from_name(args.model)
-            with torch.device("meta"):
-                print(f"{args.model}: {sum(p.numel() for p in Transformer(cfg).parameters()):,} parameters")
-            model = create_model(cfg, args.device, dtype, seed=args.seed)
-        model.eval()
+        model, folder = cli_model(args, dtype)
         generator = torch.Generator(args.device).manual_seed(args.seed)
         sampling = dict(temperature=args.temperature, top_p=args.top_p, generator=generator)
-        if args.tokenizer:
+        if args.tokenizer or folder is not None:
             from data import Tokenizer
-            tok = Tokenizer(args.tokenizer)
+            tok = Tokenizer.resolve(args.tokenizer, folder)
             tok.check_vocab(model.cfg.vocab_size)
             ids = generate(model, [tok.encode(args.prompt, bos=True)], args.max_new_tokens, eos_id=tok.eos_id,
                            **sampling)[0]
             print(args.prompt + tok.decode(ids))
-        else:  # no tokenizer: show token ids continuing [BOS]
-            ids = generate(model, [[1]], args.max_new_tokens, eos_id=2, **sampling)[0]
+        else:  # random weights, no tokenizer: token ids continuing [BOS]
+            ids = generate(model, [[model.cfg.bos_token_id]], args.max_new_tokens, eos_id=model.cfg.eos_token_id,
+                           **sampling)[0]
             print("generated token ids:", ids)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"error: {e}")

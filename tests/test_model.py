@@ -1,6 +1,7 @@
 """model.py: the mask rule against a naive reference, forward variants (prefix KV, cache, generation), presets, the
 output projection and loss, and the generation CLI."""
 import json
+import os
 import subprocess
 import sys
 
@@ -241,9 +242,37 @@ def saved_tiny(tmp_path):
 
 
 def test_cli_random_tiny_model_runs():
-    result = run_cli("--model", "tiny", "--max-new-tokens", "4")
+    result = run_cli("--random-init", "--model", "tiny", "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
-    assert "parameters" in result.stdout and "generated token ids" in result.stdout
+    assert "random weights (--random-init)" in result.stdout and "generated token ids" in result.stdout
+
+
+def test_cli_model_name_resolves_real_weights_from_the_cache(saved_tiny, tokenizer_path, tmp_path):
+    """--model NAME means the real model: found in the Hugging Face cache layout, its own tokenizer used."""
+    import shutil
+    snapshot = tmp_path / "hub" / "models--meta-llama--Llama-2-7b-hf" / "snapshots" / "abc123"
+    shutil.copytree(saved_tiny, snapshot)
+    shutil.copy(tokenizer_path, snapshot / "tokenizer.model")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"))
+    result = subprocess.run([sys.executable, str(ROOT / "model.py"), "--model", "llama2-7b", "--prompt", "The patient",
+                             "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"model llama2-7b: weights from {snapshot}\nThe patient")
+
+
+def test_cli_missing_model_is_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "empty-hub"))
+    result = subprocess.run([sys.executable, str(ROOT / "model.py"), "--model", "llama2-7b"], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert_one_line_error(result, "model llama2-7b: not found in", "meta-llama/Llama-2-7b-hf", "--random-init")
+
+
+def test_cli_memory_check_refuses_before_allocating():
+    """A 70B in fp32 (~276 GB) on a CPU host: refused in one line by the estimate, not by the allocator."""
+    result = run_cli("--random-init", "--model", "llama2-70b", "--device", "cpu", "--precision", "fp32")
+    assert_one_line_error(result, "not enough memory on cpu", "GiB")
 
 
 def test_cli_generates_from_checkpoint(saved_tiny, tokenizer_path):
@@ -262,7 +291,8 @@ def assert_one_line_error(result, *needles):
 
 
 def test_bad_input_unknown_preset():
-    assert_one_line_error(run_cli("--model", "llama9-1b"), "unknown model preset 'llama9-1b'")
+    assert_one_line_error(run_cli("--random-init", "--model", "llama9-1b"), "unknown model preset 'llama9-1b'")
+    assert_one_line_error(run_cli("--model", "llama9-1b"), "model llama9-1b: not found", "not a preset")
 
 
 def test_bad_input_missing_shard(saved_tiny):
