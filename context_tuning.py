@@ -199,6 +199,8 @@ class CTRunConfig:
                                    choices=list(CT_REPRODUCTIONS))
     budget: float | None = option(None, "--reproduce: stop starting new work after this many seconds (resumable)")
     compile: bool = option(False, "--reproduce: torch.compile the backbone's pretraining")
+    pretrained: str | None = option(None, "--reproduce: reuse this finished icl_regression checkpoint folder of the "
+                                          "preset's settings (e.g. synthetic.py's rotary full run's pretrain/)")
     time: str | None = option(None, "per-task wall time of every method on random-weight Llama shapes (comma list of "
                                     f"{', '.join(TIMING_SHAPES)}), a markdown table")
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "torch device")
@@ -350,7 +352,7 @@ def main(argv=None):
         if run.quick or run.reproduce:  # reads only --seeds: the rest is the preset's (CTQuickConfig), not text flags
             q = reproduction_config("quick" if run.quick else run.reproduce, args.seeds if "seeds" in args else None)
             return run_reproduction(run.out or "runs/context_tuning", q, "cpu" if run.quick else run.device,
-                                    run.budget or math.inf, run.compile)
+                                    run.budget or math.inf, run.compile, run.pretrained)
         run_text_tasks(run, config_from_args(TuneConfig, args, base=RECIPES[run.recipe]))
     except (ValueError, OSError, FolderInUse) as e:
         raise SystemExit(f"error: {e}")

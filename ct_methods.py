@@ -25,19 +25,20 @@ and every method ends as an Adapted: the model to answer with and the prefix K/V
 The lead (BOS, Llama's attention sink) is never dropped and never trained.
 
 Several tasks of one layout (the regression reproduction's batch of tasks) train together: every trainable tensor
-has a leading task axis, each task's loss is computed under torch.func.vmap over that axis, and AdamW (elementwise) and
-the gradient clipping (per task) keep the tasks independent, so T tasks at once train as T separate runs would. One
-task (the text path) is a direct call without vmap (FlexAttention, which long contexts need, does not run under it).
+has a leading task axis and the tasks' rows are folded task-major into one batch (each row after its own task's prefix
+or prompt; TTT's LoRA applies task t's adapters to task t's rows: folded_lora). Each task draws from its own streams
+(seed cfg.task_seeds[t], default cfg.seed + t: dropout masks, mini-batch order, TTT's permutations, adapters and LoRA
+dropout) and may have its own learning rate (cfg.task_lr_scales); AdamW (elementwise) and the gradient clipping (per
+task) keep the tasks independent, so T tasks at once train as T separate runs with those seeds and rates would.
 """
+import contextlib
 import copy
-import sys
-import warnings
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, vmap
 from tqdm import tqdm
 
 from config_flags import option
@@ -116,59 +117,6 @@ def stack_episodes(episodes) -> EpisodeStack:
                         len(episodes[0].lead.embeds))
 
 
-def _task_slice(tree, t: int):
-    if isinstance(tree, torch.Tensor):
-        return tree[t]
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_task_slice(x, t) for x in tree)
-    if isinstance(tree, dict):
-        return {k: _task_slice(v, t) for k, v in tree.items()}
-    return tree
-
-
-_VMAP_FAILED = []  # the error that made over_tasks fall back to a loop (reported once)
-
-
-def over_tasks(fn, tasks: int, *batched):
-    """fn(*one task's args) -> (R,) for every task -> (T, R). `batched`: nests (lists, tuples, dicts) of tensors with a
-    leading task axis. Several tasks go through torch.func.vmap; one task is a plain call on its slices. Should vmap
-    not support an operation on this device, a loop over the tasks computes the same (slower; said once)."""
-    if tasks == 1 or _VMAP_FAILED:
-        return torch.stack([fn(*_task_slice(batched, t)) for t in range(tasks)])
-    try:
-        with warnings.catch_warnings():  # CPU attention has no batching rule: vmap loops there (correct, slower)
-            warnings.filterwarnings("ignore", message="There is a performance drop")
-            return vmap(fn, randomness="different")(*batched)
-    except torch.OutOfMemoryError:
-        raise
-    except (RuntimeError, NotImplementedError) as e:
-        _VMAP_FAILED.append(e)
-        print(f"note: torch.func.vmap over tasks failed ({str(e).splitlines()[0][:200]}); looping over the tasks "
-              f"instead", file=sys.stderr)
-        return torch.stack([fn(*_task_slice(batched, t)) for t in range(tasks)])
-
-
-class _HiddenStates(nn.Module):
-    """functional_call calls a module's forward: this one's is the model's hidden_states."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, **kwargs):
-        return self.model.hidden_states(**kwargs)
-
-
-def task_forward(model, adapters=None):
-    """(task's adapters, **hidden_states kwargs) -> hidden states: the model itself, or the model with one task's LoRA
-    weights (adapters: {parameter name: tensor}) swapped in by torch.func.functional_call."""
-    if not adapters:
-        return lambda _adapters, **kwargs: model.hidden_states(**kwargs)
-    wrapper = _HiddenStates(model)
-    return lambda task_adapters, **kwargs: functional_call(
-        wrapper, {"model." + name: t for name, t in task_adapters.items()}, (), kwargs)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings. Epochs for CT-KV and prefix tuning (one optimiser step per pass over the k pairs), optimiser steps for
 # CT-Prompt, prompt tuning and TTT (one per mini-batch), as marc counts them.
@@ -212,6 +160,8 @@ class TuneConfig:
     micro_batch: int = option(0, "rows per forward/backward (0: a whole mini-batch); gradients accumulate, same step")
     grad_clip: float = 1.0
     seed: int = option(0, "seed of the demonstrations' sampling, dropout masks, TTT's permutations and adapters")
+    task_seeds: tuple | None = None  # several tasks at once: each task's seed (default seed + t)
+    task_lr_scales: tuple | None = None  # several tasks at once: each task's learning rate = lr x its scale
     progress: bool = True
     on_step: object = None  # called after every optimiser step (bench.py times steps with it)
 
@@ -262,10 +212,20 @@ def dropout_mask(rows: int, P: int, p: float, generator, device, keep: int = 0):
     return dropped.to(device)
 
 
-def task_generators(cfg: TuneConfig, tasks: int) -> list[torch.Generator]:
-    """Task t's random stream (dropout masks, TTT permutations and adapters): seed cfg.seed + t, so task t of a batch
-    draws what a run of that task alone with --seed cfg.seed + t draws."""
-    return [torch.Generator().manual_seed(cfg.seed + t) for t in range(tasks)]
+def task_seeds(cfg: TuneConfig, tasks: int) -> list[int]:
+    """Each task's seed: cfg.task_seeds, else cfg.seed + t. Everything random of task t (dropout masks, mini-batch
+    order, TTT's permutations, adapters and LoRA dropout) comes from it, so task t of a batch draws what a run of that
+    task alone with --seed task_seeds[t] draws."""
+    if cfg.task_seeds is None:
+        return [cfg.seed + t for t in range(tasks)]
+    if len(cfg.task_seeds) != tasks:
+        raise ValueError(f"task_seeds: {len(cfg.task_seeds)} seeds for {tasks} tasks")
+    return list(cfg.task_seeds)
+
+
+def task_generators(cfg: TuneConfig, tasks: int, device="cpu") -> list[torch.Generator]:
+    """Task t's random stream (dropout masks, TTT permutations, LoRA dropout on `device`): seeded task_seeds[t]."""
+    return [torch.Generator(device).manual_seed(seed) for seed in task_seeds(cfg, tasks)]
 
 
 def task_dropout(generators, rows: int, P: int, p: float, device, keep: int):
@@ -298,12 +258,12 @@ def clip_per_task(params, max_norm: float):
 
 
 def mini_batch_loss(sums, tokens, batch_tokens, batch_rows: int, reduction: str):
-    """(T,) loss of rows with summed losses `sums` (T, R) and loss-token counts `tokens` (R,), part of a mini-batch of
-    batch_rows rows and batch_tokens tokens in the loss: 'tokens' (official) divides by the mini-batch's token count,
-    'pairs' averages each row's mean over the mini-batch's rows. Summed over a mini-batch's parts (micro-batches),
-    either gives the mini-batch's loss."""
+    """(T,) loss of rows with summed losses `sums` (T, R) and loss-token counts `tokens` ((T, R) or (R,)), part of a
+    mini-batch of batch_rows rows and batch_tokens ((T,) or a scalar) tokens in the loss: 'tokens' (official) divides
+    by the mini-batch's token count, 'pairs' averages each row's mean over the mini-batch's rows. Summed over a
+    mini-batch's parts (micro-batches), either gives the mini-batch's loss."""
     if reduction == "tokens":
-        return sums.sum(1) / max(float(batch_tokens), 1.0)
+        return sums.sum(1) / torch.as_tensor(batch_tokens).float().clamp(min=1.0)
     return (sums / tokens.clamp(min=1)).sum(1) / batch_rows
 
 
@@ -311,27 +271,37 @@ def optimise(params, pair_sums, row_tokens, n_rows: int, cfg: TuneConfig, desc: 
              drop_last: bool = False):
     """AdamW (no weight decay), cosine decay to 0 without warm-up over cfg.steps optimiser steps, grad norm clipped to
     cfg.grad_clip per task. A mini-batch's loss is marc's: `reduction` over its rows times rows / batch size (a short
-    last batch weighs less), divided by the step's number of mini-batches.
-    pair_sums(rows) -> (T, R) summed loss of each row; row_tokens(rows) -> (R,) its tokens in the loss."""
+    last batch weighs less), divided by the step's number of mini-batches. Each task shuffles its rows with its own
+    stream and steps at its own rate (cfg.task_lr_scales: AdamW's step, linear in lr without weight decay, scaled).
+    params carry a leading task axis (T); pair_sums(rows) -> (T, R) summed loss of each task's rows (rows: (T, R)
+    indices); row_tokens(rows) -> (T, R) their tokens in the loss."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, 0, cfg.steps))  # cosine, no warm-up
-    size = min(cfg.batch_size or n_rows, n_rows)
-    # the loader's shuffling: a stream of its own (the tasks' streams start at cfg.seed + t)
-    order = torch.Generator().manual_seed((cfg.seed + 1) * 0x9E3779B97F4A7C15 % 2**63)
-    batches = step_batches(n_rows, size, order, per_epoch, drop_last)
+    size, T = min(cfg.batch_size or n_rows, n_rows), params[0].shape[0]
+    scales = None if cfg.task_lr_scales is None else torch.tensor(cfg.task_lr_scales, dtype=torch.float64)
+    if scales is not None and len(scales) != T:
+        raise ValueError(f"task_lr_scales: {len(scales)} rates for {T} tasks")
+    # the loader's shuffling: a stream of its own per task (the tasks' other streams start at their seeds)
+    streams = [step_batches(n_rows, size, torch.Generator().manual_seed((seed + 1) * 0x9E3779B97F4A7C15 % 2**63),
+                            per_epoch, drop_last) for seed in task_seeds(cfg, T)]
     for _ in tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, leave=False):
         opt.zero_grad(set_to_none=True)
-        group = next(batches)
+        group = [torch.stack(parts) for parts in zip(*(next(s) for s in streams))]  # the step's (T, R) mini-batches
         for rows in group:
             tokens = row_tokens(rows).float()
-            chunk = cfg.micro_batch or len(rows)
-            for start in range(0, len(rows), chunk):
+            chunk = cfg.micro_batch or rows.shape[1]
+            for start in range(0, rows.shape[1], chunk):
                 part = slice(start, start + chunk)
-                sums = pair_sums(rows[part])
-                loss = mini_batch_loss(sums, tokens[part], tokens.sum(), len(rows), cfg.reduction)
-                (loss.sum() * len(rows) / size / len(group)).backward()
+                sums = pair_sums(rows[:, part])
+                loss = mini_batch_loss(sums, tokens[:, part], tokens.sum(1), rows.shape[1], cfg.reduction)
+                (loss.sum() * rows.shape[1] / size / len(group)).backward()
         clip_per_task(params, cfg.grad_clip)
+        before = None if scales is None else [p.detach().clone() for p in params]
         opt.step()
+        if before is not None:
+            with torch.no_grad():
+                for p, p0 in zip(params, before):
+                    p.copy_(p0 + (p - p0) * scales.to(p.device, p.dtype).view(-1, *[1] * (p.dim() - 1)))
         schedule.step()
         if cfg.on_step is not None:
             cfg.on_step()
@@ -374,35 +344,26 @@ def tune_kv(model, io, ep, kv, cfg: TuneConfig, spans=None, dropout=0.0, desc="c
     T, lead, dtype, P = stack.tasks, stack.lead_len, model_dtype(model), kv[0][0].shape[2]
     fixed = [t[:, :, :lead] for layer in kv for t in layer]
     params = [nn.Parameter(t[:, :, lead:].detach().float().clone()) for layer in kv for t in layer]
-    forward, generators, device = task_forward(model, adapters), task_generators(cfg, T), stack.embeds.device
+    generators, device = task_generators(cfg, T), stack.embeds.device
+    tasks = torch.arange(T, device=device)[:, None]
 
     def prefix_of(trained, frozen):
         joined = [torch.cat([f, t.to(dtype)], -2) for f, t in zip(frozen, trained)]
         return list(zip(joined[0::2], joined[1::2]))
 
-    def pair_sums(rows):
-        R, n = len(rows), len(stack.in_loss)
+    def pair_sums(rows):  # the T tasks' rows (T, R) in one batch, each row after its task's prefix
+        R, n, rows = rows.shape[1], len(stack.in_loss), rows.to(device)
         dropped = task_dropout(generators, n, P, dropout, device, lead)  # drawn per pair: independent of the order
-        dropped = None if dropped is None else dropped[:, rows.to(device)]
-        row_spans = None if spans is None else spans[rows.to(spans.device)]
-        if adapters:  # each task its own weights: one call per task (vmap)
-            def one_task(trained, frozen, embeds, targets, task_adapters, *task_dropped):
-                prefix = [(k[None], v[None]) for k, v in prefix_of(trained, frozen)]
-                return kv_pair_sums(model, io, embeds, targets, stack.in_loss[rows], prefix, row_spans,
-                                    task_dropped[0] if task_dropped else None,
-                                    lambda **kw: forward(task_adapters, **kw))
-            return over_tasks(one_task, T, params, fixed, stack.embeds[:, rows], stack.targets[:, rows], adapters,
-                              *(() if dropped is None else (dropped,)))
-        # one model: the T tasks' rows in one batch, each row after its task's prefix
         prefix = [(k.repeat_interleave(R, 0), v.repeat_interleave(R, 0)) if T > 1 else (k, v)
                   for k, v in prefix_of(params, fixed)]
-        sums = kv_pair_sums(model, io, stack.embeds[:, rows].flatten(0, 1), stack.targets[:, rows].flatten(0, 1),
-                            stack.in_loss[rows].repeat(T, 1), prefix,
-                            None if row_spans is None else row_spans.repeat(T, 1),
-                            None if dropped is None else dropped.flatten(0, 1))
+        with folded_lora(model, adapters):  # TTT + CT-KV: task t's rows through task t's LoRA weights
+            sums = kv_pair_sums(model, io, stack.embeds[tasks, rows].flatten(0, 1),
+                                stack.targets[tasks, rows].flatten(0, 1), stack.in_loss[rows].flatten(0, 1), prefix,
+                                None if spans is None else spans[rows.to(spans.device)].flatten(0, 1),
+                                None if dropped is None else dropped[tasks, rows].flatten(0, 1))
         return sums.view(T, R)
 
-    optimise(params, pair_sums, lambda rows: stack.in_loss[rows].sum(1), len(stack.in_loss), cfg, desc,
+    optimise(params, pair_sums, lambda rows: stack.in_loss[rows.to(device)].sum(-1), len(stack.in_loss), cfg, desc,
              per_epoch=True)
     with torch.no_grad():
         return prefix_of(params, fixed)
@@ -440,19 +401,20 @@ def tune_prompt(model, io, ep, prompt, cfg: TuneConfig, spans=None, dropout=0.0,
     fixed = prompt[:, :lead]
     param = nn.Parameter(prompt[:, lead:].detach().float().clone())
     generators, device = task_generators(cfg, T), stack.embeds.device
+    tasks = torch.arange(T, device=device)[:, None]
 
-    def pair_sums(rows):
-        R, n = len(rows), len(stack.in_loss)
+    def pair_sums(rows):  # the T tasks' rows (T, R) in one batch, each after its task's prompt
+        R, n, rows = rows.shape[1], len(stack.in_loss), rows.to(device)
         dropped = task_dropout(generators, n, P, dropout, device, lead)  # drawn per pair: independent of the order
-        dropped = None if dropped is None else dropped[:, rows.to(device)].flatten(0, 1)
-        row_spans = None if spans is None else spans[rows.to(spans.device)].repeat(T, 1)
         soft = torch.cat([fixed, param.to(dtype)], 1)  # (T, P, dim)
-        sums = prompt_pair_sums(model, io, stack.embeds[:, rows].flatten(0, 1), stack.targets[:, rows].flatten(0, 1),
-                                stack.in_loss[rows].repeat(T, 1), soft.repeat_interleave(R, 0) if T > 1 else soft,
-                                row_spans, dropped)  # the T tasks' rows in one batch, each after its task's prompt
+        sums = prompt_pair_sums(model, io, stack.embeds[tasks, rows].flatten(0, 1),
+                                stack.targets[tasks, rows].flatten(0, 1), stack.in_loss[rows].flatten(0, 1),
+                                soft.repeat_interleave(R, 0) if T > 1 else soft,
+                                None if spans is None else spans[rows.to(spans.device)].flatten(0, 1),
+                                None if dropped is None else dropped[tasks, rows].flatten(0, 1))
         return sums.view(T, R)
 
-    optimise([param], pair_sums, lambda rows: stack.in_loss[rows].sum(1), len(stack.in_loss), cfg, desc,
+    optimise([param], pair_sums, lambda rows: stack.in_loss[rows.to(device)].sum(-1), len(stack.in_loss), cfg, desc,
              per_epoch=False)
     return torch.cat([fixed, param.detach().to(dtype)], 1)
 
@@ -468,6 +430,45 @@ def lora_modules(model) -> dict[str, LoRALinear]:
 def cuda_devices(model) -> list:
     device = next(model.parameters()).device
     return [device] if device.type == "cuda" else []
+
+
+def _folded_lora_forward(module: LoRALinear, lora_a, lora_b, dropout_columns, x):
+    """module's output for a batch folded task-major from len(lora_a) tasks: task t's rows with lora_a[t], lora_b[t];
+    in training mode, LoRA dropout with task t's masks, dropout_columns(x) -> (T, ..., in) or None."""
+    xs = x.unflatten(0, (len(lora_a), -1))
+    p = module.dropout.p if isinstance(module.dropout, nn.Dropout) and module.training else 0.0
+    if p > 0:
+        xs = xs * dropout_columns(xs).div(1 - p)
+    low = torch.einsum("t...i,tri->t...r", xs, lora_a)
+    return module.base(x) + torch.einsum("t...r,tor->t...o", low, lora_b).flatten(0, 1) * module.scale
+
+
+@contextlib.contextmanager
+def folded_lora(model, adapters: dict | None, generators=None):
+    """Inside: every LoRA module of `model` runs a batch folded task-major (T groups of rows, T = the adapters' task
+    axis) with task t's weights adapters[name][t]; nothing changes without adapters. Meant for one forward: LoRA
+    dropout (training mode) draws each task's masks for all its modules at once, one call on generators[t] per task
+    (a model with one LoRA module draws what nn.Dropout draws after torch.manual_seed)."""
+    modules = lora_modules(model) if adapters else {}
+    widths = [m.base.in_features for m in modules.values()]
+    offsets = dict(zip(modules, [sum(widths[:i]) for i in range(len(widths))]))
+    drawn = []
+
+    def columns(name, width, xs):
+        if not drawn:
+            drawn.append(torch.stack([torch.empty(*xs.shape[1:-1], sum(widths), device=xs.device, dtype=xs.dtype)
+                                      .bernoulli_(1 - modules[name].dropout.p, generator=g) for g in generators]))
+        return drawn[0][..., offsets[name]:offsets[name] + width]
+
+    for name, module in modules.items():
+        module.forward = functools.partial(_folded_lora_forward, module, adapters[f"{name}.lora_a"],
+                                           adapters[f"{name}.lora_b"],
+                                           functools.partial(columns, name, module.base.in_features))
+    try:
+        yield
+    finally:
+        for module in modules.values():
+            del module.forward
 
 
 def init_adapters(model, seeds) -> dict[str, torch.Tensor]:
@@ -523,28 +524,25 @@ def tune_lora(model, io, ep, cfg: TuneConfig, desc="ttt") -> dict[str, torch.Ten
         apply_lora(model, rank=cfg.ttt_rank, alpha=cfg.ttt_alpha, targets=tuple(cfg.ttt_targets.split(",")),
                    dropout=cfg.ttt_dropout)
     model.requires_grad_(False)
-    initial = init_adapters(model, [cfg.seed + t for t in range(T)])
+    initial = init_adapters(model, task_seeds(cfg, T))
     adapters = {name: nn.Parameter(v.float()) for name, v in initial.items()}
-    generators = task_generators(cfg, T)
-    positions = permuted_positions(stack, ttt_orders(generators, cfg.ttt_permutations, k))
-    forward, tasks = task_forward(model, adapters), torch.arange(T, device=positions.device)[:, None, None]
+    positions = permuted_positions(stack, ttt_orders(task_generators(cfg, T), cfg.ttt_permutations, k))
+    lora_dropout = task_generators(cfg, T, positions.device)  # each task's LoRA dropout masks, on the model's device
+    tasks = torch.arange(T, device=positions.device)[:, None, None]
     answers = stack.context_in_loss.sum()
 
-    def pair_sums(rows):
-        at = positions[:, rows.to(positions.device)]  # (T, R, P)
+    def pair_sums(rows):  # the T tasks' sequences (T, R) in one batch, task t's through task t's adapters
+        at = positions[tasks[..., 0], rows.to(positions.device)]  # (T, R, P)
         cast = {name: p.to(dtype) for name, p in adapters.items()}
+        with folded_lora(model, cast, lora_dropout):
+            hidden = model.hidden_states(embeds=stack.context[tasks, at].flatten(0, 1))
+        return io.loss_sums(hidden, stack.context_targets[tasks, at].flatten(0, 1),
+                            stack.context_in_loss[at].flatten(0, 1)).view(T, -1)
 
-        def one_task(task_adapters, embeds, targets, in_loss):
-            return io.loss_sums(forward(task_adapters, embeds=embeds), targets, in_loss)
-        return over_tasks(one_task, T, cast, stack.context[tasks, at], stack.context_targets[tasks, at],
-                          stack.context_in_loss[at])
-
-    model.train()  # LoRA dropout, drawn from torch's global stream: seeded here, the caller's left as it was
+    model.train()  # LoRA dropout (drawn from each task's stream)
     try:
-        with torch.random.fork_rng(devices=cuda_devices(model)):
-            torch.manual_seed(cfg.seed)
-            optimise(list(adapters.values()), pair_sums, lambda rows: answers.expand(len(rows)),
-                     cfg.ttt_permutations, cfg, desc, per_epoch=False, drop_last=True)
+        optimise(list(adapters.values()), pair_sums, lambda rows: answers.expand(rows.shape),
+                 cfg.ttt_permutations, cfg, desc, per_epoch=False, drop_last=True)
     finally:
         model.eval()
     trained = {name: p.detach().to(dtype) for name, p in adapters.items()}
@@ -569,14 +567,8 @@ class Adapted:
 @torch.no_grad()
 def task_prefill(model, contexts, adapters=None):
     """prefill of T contexts (T, P, dim), each with its task's adapters (if any) -> per layer (T, Hkv, P, head_dim)."""
-    if not adapters:
+    with folded_lora(model, adapters):
         return prefill(model, embeds=contexts)
-    per_task = []
-    for t in range(len(contexts)):
-        load_adapters(model, adapters, t)
-        per_task.append(prefill(model, embeds=contexts[t:t + 1]))
-    return None if per_task[0] is None else [(torch.cat([p[i][0] for p in per_task]),
-                                              torch.cat([p[i][1] for p in per_task])) for i in range(len(per_task[0]))]
 
 
 def run_ttt(model, io, episodes, cfg: TuneConfig) -> Adapted:

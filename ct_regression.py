@@ -7,14 +7,14 @@ Context tuning's methods see a model through an IO object (ct_methods.py's docst
 same for Llama.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 import icl_regression as icl
 from config_flags import option
-from ct_methods import Adapted, Demo, Episode, TuneConfig, load_adapters
+from ct_methods import Adapted, Demo, Episode, TuneConfig, folded_lora
 
 
 SWEPT = ("ct-kv", "ct-prompt", "prompt-tuning", "prefix-tuning", "ttt")  # the methods with a learning rate of their own
@@ -42,14 +42,15 @@ class CTQuickConfig:
                                                "prefix-tuning": 1e-1, "ttt": 3e-4})
     sweep_tasks: int = 0
     dropout: float = 0.1           # token dropout of CT-KV, CT-Prompt and prompt tuning
-    task_batch: int = 8            # tasks trained together (torch.func.vmap over tasks)
+    task_batch: int = 8            # tasks trained together (folded into one batch; same results)
 
 
 CT_REPRODUCTIONS = {
     "quick": CTQuickConfig(),
     # the full-size backbone (d = 20, 12 layers, width 256), every k, two task families: the GPU run (gpu/ct.sh)
+    # 6 x 32 tasks per optimisation: a sweep's six rates at once, a cell's 5 seeds x 32 tasks at once
     "full": CTQuickConfig(preset="full", ks=[4, 8, 16, 32], families=["shifted", "offset"], tasks_per_seed=32,
-                          seeds=5, task_batch=32, sweep_tasks=32),
+                          seeds=5, task_batch=192, sweep_tasks=32),
     # seconds on a CPU: the tests and gpu/ct.sh's CPU check
     "tiny": CTQuickConfig(preset="test", ks=[2, 3], families=["shifted", "offset"], tasks_per_seed=2,
                           queries_per_task=8, seeds=2, steps=3, task_batch=2, sweep_tasks=2),
@@ -92,7 +93,7 @@ class RegressionIO:
         return (self.reg.read_out(hidden).squeeze(-1).float() - targets) ** 2
 
     def loss_sums(self, hidden, targets, in_loss):
-        """(R,) squared error summed over each row's loss positions (a mask, not a selection: vmap-friendly)."""
+        """(R,) squared error summed over each row's loss positions (a mask, not a selection)."""
         return (self.position_loss(hidden, targets) * in_loss).sum(-1)
 
     @torch.no_grad()
@@ -141,24 +142,53 @@ def regression_mse(model, io: RegressionIO, prefix_kv, xs, ys) -> float:
 
 
 @torch.no_grad()
-def regression_errors(adapted: Adapted, io: RegressionIO, xs, ys) -> list[float]:
-    """Each task's mean squared error on its queries xs (T, Q, d), ys (T, Q), answered as `adapted` says."""
-    errors = []
-    for t in range(len(xs)):
-        if adapted.adapters:
-            load_adapters(adapted.model, adapted.adapters, t)
-        prefix = None if adapted.prefix_kv is None else [(k[t:t + 1], v[t:t + 1]) for k, v in adapted.prefix_kv]
-        errors.append(regression_mse(adapted.model, io, prefix, xs[t], ys[t]))
+def regression_errors(adapted: Adapted, io: RegressionIO, xs, ys, rows_per_call: int = 1024) -> list[float]:
+    """Each task's mean squared error on its queries xs (T, Q, d), ys (T, Q), answered as `adapted` says: several
+    tasks' queries in one batch (about rows_per_call rows), each after its task's prefix and through its task's
+    adapters (folded_lora). One-token rows keep model.py's attention on its exact path."""
+    T, Q = ys.shape
+    per_call, errors = max(1, rows_per_call // Q), []
+    for first in range(0, T, per_call):
+        part = slice(first, first + per_call)
+        n = len(ys[part])
+        x_tokens = io.embed(xs[part].flatten(0, 1)[:, None], torch.zeros_like(ys[part]).flatten()[:, None])[:, :1]
+        prefix = None if adapted.prefix_kv is None else [(k[part].repeat_interleave(Q, 0), v[part].repeat_interleave(
+            Q, 0)) for k, v in adapted.prefix_kv]
+        adapters = {name: a[part] for name, a in adapted.adapters.items()} if adapted.adapters else None
+        with folded_lora(adapted.model, adapters):
+            hidden = adapted.model.hidden_states(embeds=x_tokens, prefix_kv=prefix)
+        errors += io.position_loss(hidden[:, 0], ys[part].flatten()).view(n, Q).mean(1).tolist()
     return errors
 
 
-def regression_backbone(out: Path, preset: str, device, deadline: float = math.inf, compile: bool = False):
+def regression_backbone(out: Path, preset: str, device, deadline: float = math.inf, compile: bool = False,
+                        pretrained: str | None = None):
     """icl_regression.py's regression transformer of `preset`, pretrained into OUT/pretrain (or reused, or resumed
-    from there), frozen, on `device` -> (model, meta); None when the deadline came first."""
-    if not icl.pretrain(icl.REGRESSION_PRESETS[preset], out, device, deadline, compile=compile):
+    from there), or the finished checkpoint folder `pretrained` (another run's, e.g. synthetic.py's rotary full
+    backbone: the same RegressionConfig and seed), frozen, on `device` -> (model, meta); None when the deadline came
+    first."""
+    if pretrained is not None:
+        check_pretrained(pretrained, preset)
+    elif not icl.pretrain(icl.REGRESSION_PRESETS[preset], out, device, deadline, compile=compile):
         return None
-    reg, meta = icl.load_regression_model(out / "pretrain")
+    reg, meta = icl.load_regression_model(Path(pretrained) if pretrained else out / "pretrain")
     return reg.to(device).eval().requires_grad_(False), meta
+
+
+def check_pretrained(folder: str, preset: str):
+    """A finished icl_regression checkpoint of `preset`'s settings (every RegressionConfig field, seed 0), else a
+    ValueError naming the differences."""
+    meta = icl.read_meta(folder)
+    if meta is None or not meta.get("done"):
+        raise ValueError(f"--pretrained {folder}: no finished icl_regression pretraining checkpoint")
+    wanted = asdict(icl.REGRESSION_PRESETS[preset])
+    stored = {key: meta.get("config", {}).get(key) for key in wanted}
+    differ = [f"{key}={stored[key]!r} (preset {preset}: {value!r})" for key, value in wanted.items()
+              if stored[key] != value and key != "preset"]
+    if meta.get("seed") != 0:
+        differ.append(f"seed={meta.get('seed')!r} (0)")
+    if differ:
+        raise ValueError(f"--pretrained {folder}: not the {preset} backbone: {', '.join(differ)}")
 
 
 def quick_backbone(out: Path):

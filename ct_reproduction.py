@@ -1,10 +1,13 @@
 """The synthetic reproduction of context tuning (`context_tuning.py --quick`, `--reproduce full`): every method and the
 leave-one-out x token-dropout ablation of CT-KV on the same regression tasks, with confidence intervals over tasks.
 
-Run: for every seed, k and task family, the tasks of a batch (CTQuickConfig.task_batch) are adapted together by each
-method (ct_methods.py: vmap over tasks) and scored on their queries; each (family, k, seed, batch, method) result is
-saved to OUT/records.json at once, so a re-run with the same settings continues where the last one stopped (a run
-with other settings is refused). OUT/results.json and OUT/results.md summarise what is done.
+Run: family by family, k by k, every method on all seeds' tasks of the (family, k) cell at once
+(CTQuickConfig.task_batch tasks folded into one batched optimisation each; ct_methods.py), scored on their queries.
+Each task trains with its own seed (seed x 1000 + its index), so the numbers do not depend on how tasks are batched.
+Each (family, k, seed, batch, method) result is saved to OUT/records.json at once, so a re-run with the same settings
+continues where the last one stopped (a run with other settings is refused), and a budget cut leaves whole cells
+(every method, every seed). OUT/results.json and OUT/results.md summarise what is done. The learning-rate sweep
+trains its candidate rates together too (each copy of the held-out tasks at its own rate).
 
 Statistics, per (family, k) cell and method, over all tasks of every seed (n = seeds x tasks): the mean squared error
 with its 95% confidence interval (t distribution), the same for the paired difference against ICL and against CT-KV
@@ -24,7 +27,7 @@ import icl_regression as icl
 from atomic import folder_lock, write_text
 from ct_methods import METHODS, adapt_tasks, stack_episodes
 from ct_regression import (CT_REPRODUCTIONS, SWEEP_LRS, SWEEP_LRS_DEFAULT, SWEPT, TASK_FAMILIES, CTQuickConfig,
-                           RegressionIO, regression_backbone, regression_episode, regression_errors,
+                           RegressionIO, check_pretrained, regression_backbone, regression_episode, regression_errors,
                            regression_tune_config, sample_family)
 from metrics import mean_std_ci95
 
@@ -46,18 +49,30 @@ def reproduction_runs(q: CTQuickConfig, k: int, lrs: dict | None = None) -> dict
 # Running the grid
 
 
-def batch_tasks(q: CTQuickConfig, reg, family: str, seed: int, batch: int, stream: str = "context-tuning"):
-    """(xs, ys) of the batch's tasks, (T, max(ks) + queries, d) and (T, ...), on the backbone's device."""
-    first = batch * q.task_batch
-    tasks = [sample_family(family, q, reg.n_dims, seed, t, stream)
-             for t in range(first, min(first + q.task_batch, q.tasks_per_seed))]
+def task_blocks(q: CTQuickConfig) -> list[tuple[int, int]]:
+    """(seed, batch): each seed's tasks in batches of at most q.task_batch; a block's results are one record."""
+    size = min(q.task_batch, q.tasks_per_seed)
+    return [(seed, b) for seed in range(q.seeds) for b in range(math.ceil(q.tasks_per_seed / size))]
+
+
+def block_tasks(q: CTQuickConfig, batch: int) -> range:
+    size = min(q.task_batch, q.tasks_per_seed)
+    return range(batch * size, min((batch + 1) * size, q.tasks_per_seed))
+
+
+def unit_tasks(q: CTQuickConfig, reg, family: str, blocks, stream: str = "context-tuning"):
+    """(xs, ys, seeds) of the blocks' tasks: (T, max(ks) + queries, d), (T, ...) on the backbone's device, and each
+    task's training seed (seed x 1000 + its index in the seed: a task trains the same in any batch)."""
+    found = [(sample_family(family, q, reg.n_dims, seed, t, stream), seed * 1000 + t)
+             for seed, batch in blocks for t in block_tasks(q, batch)]
     device = reg.read_in.weight.device
-    return torch.stack([x for x, _ in tasks]).to(device), torch.stack([y for _, y in tasks]).to(device)
+    return (torch.stack([x for (x, _), _ in found]).to(device), torch.stack([y for (_, y), _ in found]).to(device),
+            tuple(seed for _, seed in found))
 
 
-def run_batch(reg, q: CTQuickConfig, k: int, xs, ys, seed_offset: int, runs: dict, done: set, save):
-    """Every run of `runs` ({name: (method, TuneConfig)}) not in `done` on one batch of tasks; save(name, record)
-    after each."""
+def run_batch(reg, q: CTQuickConfig, k: int, xs, ys, seeds, runs: dict, done: set, save, lr_scales=None):
+    """Every run of `runs` ({name: (method, TuneConfig)}) not in `done` on one batch of tasks (all trained together,
+    task t with seed seeds[t] and learning rate x lr_scales[t]); save(name, record) after each."""
     io, model = RegressionIO(reg), reg.backbone
     episodes = [regression_episode(io, x[:k], y[:k]) for x, y in zip(xs, ys)]
     stack_episodes(episodes)  # one layout, checked before any training
@@ -66,7 +81,8 @@ def run_batch(reg, q: CTQuickConfig, k: int, xs, ys, seed_offset: int, runs: dic
     for name, (method, cfg) in runs.items():
         if name in done:
             continue
-        adapted = adapt_tasks(method, model, io, episodes, replace(cfg, seed=seed_offset), ttt)
+        adapted = adapt_tasks(method, model, io, episodes, replace(cfg, task_seeds=seeds, task_lr_scales=lr_scales),
+                              ttt)
         if method == "ttt":
             ttt = adapted  # ttt+ct-kv continues from these adapters, as marc loads the saved TTT checkpoint
         mse = regression_errors(adapted, io, queries_x, queries_y)
@@ -76,25 +92,29 @@ def run_batch(reg, q: CTQuickConfig, k: int, xs, ys, seed_offset: int, runs: dic
 def sweep_learning_rates(reg, q: CTQuickConfig, family: str, save=lambda: None, records=None,
                          deadline=math.inf) -> dict | None:
     """{method: {lr: mean MSE}} of each method with a learning rate of its own (SWEPT) at every lr of SWEEP_LRS, on
-    q.sweep_tasks held-out tasks of `family` (stream "sweep", seed 0) at the middle k. records["sweep"] keeps every
-    finished point (resumable); None when the deadline came first."""
+    q.sweep_tasks held-out tasks of `family` (stream "sweep", seed 0) at the middle k. Several rates train together
+    (max(1, task_batch // sweep_tasks) at a time: the same tasks once per rate, each copy at its rate; the same
+    numbers as one run per rate). records["sweep"] keeps every finished point (resumable); None when the deadline
+    came first."""
     records = {} if records is None else records
     k = sorted(q.ks)[len(q.ks) // 2]
-    sweep_q = replace(q, tasks_per_seed=q.sweep_tasks)
+    blocks = [(0, b) for b in range(math.ceil(q.sweep_tasks / min(q.task_batch, q.sweep_tasks)))]
+    xs, ys, seeds = unit_tasks(replace(q, tasks_per_seed=q.sweep_tasks), reg, family, blocks, "sweep")
     table = records.setdefault("sweep", {}).setdefault(family, {})
     for method in SWEPT:
-        for lr in SWEEP_LRS.get(method, SWEEP_LRS_DEFAULT):
-            if str(lr) in table.get(method, {}):
-                continue
+        todo = [lr for lr in SWEEP_LRS.get(method, SWEEP_LRS_DEFAULT) if str(lr) not in table.get(method, {})]
+        per_batch = max(1, q.task_batch // q.sweep_tasks)
+        for group in [todo[i:i + per_batch] for i in range(0, len(todo), per_batch)]:
             if time.time() > deadline:
                 return None
+            run = {method: reproduction_runs(q, k, {**q.lrs, method: 1.0})[method]}  # lr = 1 x each task's scale
             errors = []
-            for batch in range(math.ceil(q.sweep_tasks / q.task_batch)):
-                xs, ys = batch_tasks(sweep_q, reg, family, 0, batch, "sweep")
-                runs = reproduction_runs(q, k, {**q.lrs, method: lr})
-                run_batch(reg, q, k, xs, ys, batch * q.task_batch, {method: runs[method]}, set(),
-                          lambda _name, record: errors.extend(record["mse"]))
-            table.setdefault(method, {})[str(lr)] = sum(errors) / len(errors)
+            run_batch(reg, q, k, xs.repeat(len(group), 1, 1), ys.repeat(len(group), 1), seeds * len(group), run,
+                      set(), lambda _name, record: errors.extend(record["mse"]),
+                      tuple(lr for lr in group for _ in seeds))
+            for i, lr in enumerate(group):
+                part = errors[i * len(seeds):(i + 1) * len(seeds)]
+                table.setdefault(method, {})[str(lr)] = sum(part) / len(part)
             save()
     return table
 
@@ -105,10 +125,12 @@ def chosen_lrs(table: dict) -> dict:
 
 
 def grid_units(q: CTQuickConfig):
-    """(seed, k, family, batch) in run order: seed outermost, so a budget cut leaves every cell with the same seeds."""
-    batches = math.ceil(q.tasks_per_seed / q.task_batch)
-    return [(seed, k, family, b) for seed in range(q.seeds) for k in q.ks for family in q.families
-            for b in range(batches)]
+    """(family, k, blocks) in run order: family by family, k by k, every seed's tasks of a cell trained together
+    (q.task_batch at a time), so a budget cut leaves whole (family, k) cells done, each with every seed."""
+    blocks = task_blocks(q)
+    per_unit = max(1, q.task_batch // min(q.task_batch, q.tasks_per_seed))
+    return [(family, k, blocks[i:i + per_unit]) for family in q.families for k in q.ks
+            for i in range(0, len(blocks), per_unit)]
 
 
 def unit_key(seed, k, family, batch, name) -> str:
@@ -131,25 +153,31 @@ def family_lrs(reg, q: CTQuickConfig, records: dict, family: str, save, deadline
 
 
 def run_grid(reg, q: CTQuickConfig, records: dict, save_records, deadline=math.inf, progress=True) -> bool:
-    """Fill records["runs"] (key -> per-task errors) unit by unit; True when every unit is done."""
+    """Fill records["runs"] (key -> per-task errors of one (seed, batch) block) unit by unit; True when every unit is
+    done."""
     names = list(reproduction_runs(q, q.ks[0]))
-    todo = [u for u in grid_units(q) if any(unit_key(*u, n) not in records["runs"] for n in names)]
+    todo = [u for u in grid_units(q) if any(unit_key(s, u[1], u[0], b, n) not in records["runs"]
+                                            for s, b in u[2] for n in names)]
     bar = tqdm(total=len(todo) * len(names), desc="context tuning", disable=not progress)
-    for seed, k, family, batch in todo:
+    for family, k, blocks in todo:
         lrs = None if time.time() > deadline else family_lrs(reg, q, records, family, save_records, deadline)
         if lrs is None:
             bar.close()
             return False
-        runs = reproduction_runs(q, k, lrs)
-        done = {n for n in names if unit_key(seed, k, family, batch, n) in records["runs"]}
+        done = {n for n in names if all(unit_key(s, k, family, b, n) in records["runs"] for s, b in blocks)}
         bar.update(len(done))
+        xs, ys, seeds = unit_tasks(q, reg, family, blocks)
 
-        def save(name, record, key=(seed, k, family, batch)):
-            records["runs"][unit_key(*key, name)] = record
+        def save(name, record, k=k, family=family, blocks=blocks):
+            at = 0
+            for seed, batch in blocks:  # one record per block, as if each block had run alone
+                n = len(block_tasks(q, batch))
+                records["runs"][unit_key(seed, k, family, batch, name)] = {
+                    key: values[at:at + n] for key, values in record.items()}
+                at += n
             save_records()
             bar.update(1)
-        xs, ys = batch_tasks(q, reg, family, seed, batch)
-        run_batch(reg, q, k, xs, ys, seed * 1000 + batch * q.task_batch, runs, done, save)
+        run_batch(reg, q, k, xs, ys, seeds, reproduction_runs(q, k, lrs), done, save)
     bar.close()
     return True
 
@@ -168,9 +196,9 @@ def cell_errors(q: CTQuickConfig, records: dict, family: str, k: int) -> dict:
     """{run name: {"mse": [...], "nmse": [...], "seed": [...]}} over the cell's finished units, tasks in one order."""
     names = list(reproduction_runs(q, k))
     errors = {n: {"mse": [], "nmse": [], "seed": []} for n in names}
-    for seed, k_, family_, batch in grid_units(q):
-        keys = [unit_key(seed, k_, family_, batch, n) for n in names]
-        if (k_, family_) != (k, family) or not all(key in records["runs"] for key in keys):
+    for seed, batch in task_blocks(q):
+        keys = [unit_key(seed, k, family, batch, n) for n in names]
+        if not all(key in records["runs"] for key in keys):
             continue  # a unit counts once all its runs are done: every method is compared on the same tasks
         for name, key in zip(names, keys):
             run = records["runs"][key]
@@ -290,7 +318,8 @@ def quick_experiment(reg, q: CTQuickConfig, progress: bool = True) -> dict:
     return summarise(q, records)[f"{q.families[0]}/k{q.ks[0]}"]
 
 
-def run_reproduction(out, q: CTQuickConfig, device="cpu", budget: float = math.inf, compile: bool = False):
+def run_reproduction(out, q: CTQuickConfig, device="cpu", budget: float = math.inf, compile: bool = False,
+                     pretrained: str | None = None):
     """Pretrain (or reuse) the backbone in OUT/pretrain, run the grid within `budget` seconds, resumably, and write
     OUT/results.json (one (family, k) cell: {run name: stats}; several: {cell: {run name: stats}}) and results.md.
     Returns the results, or None when the budget ended before the backbone was ready."""
@@ -298,10 +327,12 @@ def run_reproduction(out, q: CTQuickConfig, device="cpu", budget: float = math.i
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; the reproduction writes a folder")
     records = check_resumable(out, q)
+    if pretrained is not None:
+        check_pretrained(pretrained, q.preset)  # before anything is written
     with folder_lock(out, "context tuning reproduction"):
         if torch.device(device).type == "cpu":
             torch.set_num_threads(1)  # tiny matrices: one thread beats two (and shares a busy machine better)
-        found = regression_backbone(out, q.preset, device, start + budget, compile)
+        found = regression_backbone(out, q.preset, device, start + budget, compile, pretrained)
         if found is None:
             print(f"budget of {budget:.0f}s reached while pretraining {out}/pretrain; run again to continue")
             return None
@@ -318,6 +349,7 @@ def run_reproduction(out, q: CTQuickConfig, device="cpu", budget: float = math.i
         write_text(out / "run.json", json.dumps({**asdict(q), "seconds": round(time.time() - start, 1),
                                                   "finished": finished, "device": str(device),
                                                   "lrs": records.get("lrs"), "backbone": meta["config"],
+                                                  "pretrained": str(pretrained or out / "pretrain"),
                                                   "quality": meta.get("quality")}))
         print(results_markdown(q, records, cells))
         print(f"wrote {out / 'results.json'} and results.md ({time.time() - start:.0f}s)" +

@@ -148,7 +148,8 @@ def test_micro_batches_keep_the_mini_batch_loss(reduction):
         w = torch.nn.Parameter(torch.zeros(1, 4))
         cfg = cm.TuneConfig(steps=1, batch_size=4, micro_batch=micro, reduction=reduction, grad_clip=1e9,
                             on_step=lambda: grads.append(w.grad.clone()), **QUIET)
-        cm.optimise([w], lambda rows: w[:, rows] * a[rows], lambda rows: tokens[rows], 4, cfg, "", per_epoch=True)
+        cm.optimise([w], lambda rows: w.gather(1, rows) * a[rows], lambda rows: tokens[rows], 4, cfg, "",
+                    per_epoch=True)
     expected = a / tokens.sum() if reduction == "tokens" else a / tokens / 4
     for g in grads:
         torch.testing.assert_close(g[0], expected)
@@ -203,8 +204,9 @@ def test_recipes_hold_marcs_numbers():
 
 
 def test_tasks_trained_together_equal_tasks_trained_alone():
-    """vmap / folding over the task axis: T tasks at once give what T single-task runs give (task t of a batch with
-    seed s draws as a run alone with seed s + t): CT-KV with dropout and leave-one-out, and TTT."""
+    """Tasks folded into one batch give what single-task runs give (task t of a batch draws as a run alone with seed
+    task_seeds[t] and steps at lr x task_lr_scales[t]): every trained method, with dropout (LoRA dropout too),
+    mini-batches smaller than the rows (each task its own order) and a learning rate per task."""
     reg = icl_regression.build_regression_model(icl_regression.REGRESSION_PRESETS["test"], seed=0)
     reg = reg.eval().requires_grad_(False)
     io, model = ct_regression.RegressionIO(reg), reg.backbone
@@ -212,18 +214,44 @@ def test_tasks_trained_together_equal_tasks_trained_alone():
     batch = icl_regression.sample_tasks("shifted-linear", 3, 9, reg.n_dims, gen)
     xs, ys = batch.xs, batch.values()
     episodes = [ct_regression.regression_episode(io, x[:4], y[:4]) for x, y in zip(xs, ys)]
-    cfg = cm.TuneConfig(steps=4, lr=1e-2, dropout=0.3, batch_size=4, ttt_steps=3, ttt_permutations=4,
-                        ttt_batch_size=4, ttt_dropout=0.0, ttt_rank=4, ttt_alpha=4, ttt_lr=1e-2, ttt_kv_steps=2,
-                        seed=7, **QUIET)
-    ttt_together = cm.adapt_tasks("ttt", model, io, episodes, cfg)
-    for method in ("ct-kv", "ttt", "ttt+ct-kv"):
+    cfg = cm.TuneConfig(steps=4, lr=1e-2, dropout=0.3, batch_size=3, ct_prompt_steps=3, ct_prompt_lr=1e-2,
+                        ct_prompt_dropout=0.2, prompt_batch_size=3, prompt_len=4, prompt_tuning_steps=3,
+                        prompt_tuning_lr=1e-2, prefix_tuning_steps=3, prefix_tuning_lr=1e-2, ttt_steps=3,
+                        ttt_permutations=6, ttt_batch_size=2, ttt_dropout=0.2, ttt_rank=4, ttt_alpha=4, ttt_lr=1e-2,
+                        ttt_kv_steps=2, seed=7, **QUIET)
+    seeds, scales = (7, 1003, 12), (1.0, 3.0, 0.5)
+    together_cfg = replace(cfg, task_seeds=seeds, task_lr_scales=scales)
+    ttt_together = cm.adapt_tasks("ttt", model, io, episodes, together_cfg)
+    lr_field = {"ct-kv": "lr", "ttt+ct-kv": "lr", "ct-prompt": "ct_prompt_lr", "prompt-tuning": "prompt_tuning_lr",
+                "prefix-tuning": "prefix_tuning_lr", "ttt": "ttt_lr"}
+    for method in ("ct-kv", "ct-prompt", "prompt-tuning", "prefix-tuning", "ttt", "ttt+ct-kv"):
         together = ct_regression.regression_errors(
-            cm.adapt_tasks(method, model, io, episodes, cfg, ttt_together if method == "ttt+ct-kv" else None), io,
-            xs[:, 4:], ys[:, 4:])
-        alone = [ct_regression.regression_errors(cm.adapt_tasks(method, model, io, [ep], replace(cfg, seed=7 + t)), io,
-                                                 xs[t:t + 1, 4:], ys[t:t + 1, 4:])[0]
-                 for t, ep in enumerate(episodes)]
+            cm.adapt_tasks(method, model, io, episodes, together_cfg, ttt_together if method == "ttt+ct-kv" else None),
+            io, xs[:, 4:], ys[:, 4:], rows_per_call=10)
+        alone = []
+        for t, ep in enumerate(episodes):
+            one = replace(cfg, seed=seeds[t], **{lr_field[method]: getattr(cfg, lr_field[method]) * scales[t]})
+            if method == "ttt+ct-kv":  # the TTT part at its own task's rate too
+                one = replace(one, ttt_lr=cfg.ttt_lr * scales[t])
+            alone.append(ct_regression.regression_errors(cm.adapt_tasks(method, model, io, [ep], one), io,
+                                                         xs[t:t + 1, 4:], ys[t:t + 1, 4:])[0])
         assert together == pytest.approx(alone, rel=1e-4, abs=1e-5), method
+
+
+def test_folded_lora_dropout_draws_what_torch_dropout_draws():
+    """With one LoRA module, folded_lora's dropout draws the masks nn.Dropout draws after torch.manual_seed(seed)."""
+    base = torch.nn.Linear(6, 5)
+    lora = LoRALinear(base, rank=2, alpha=2, dropout=0.3)
+    lora.lora_b.data.normal_()
+    model = torch.nn.Sequential(lora).train()
+    x = torch.randn(4, 3, 6)
+    torch.manual_seed(11)
+    expected = lora(x)
+    adapters = {"0.lora_a": lora.lora_a.detach()[None], "0.lora_b": lora.lora_b.detach()[None]}
+    with cm.folded_lora(model, adapters, [torch.Generator().manual_seed(11)]):
+        folded = model(x)
+    torch.testing.assert_close(folded, expected)
+    assert torch.equal(model(x) * 0, expected * 0) and "forward" not in lora.__dict__  # restored afterwards
 
 
 def test_timing_reports_every_method_beside_marcs_seconds(setup):
@@ -233,21 +261,3 @@ def test_timing_reports_every_method_beside_marcs_seconds(setup):
     assert set(seconds) == set(ct_timing.TIMED) and all(r["seconds"] > 0 for r in seconds.values())
     table = ct_timing.timing_table({"tiny": {"methods": seconds}})
     assert "| ct-kv | 3.33 |" in table and "| ttt+ct-kv | +1.68 |" in table and "| ct-prompt | 18.35 |" in table
-
-
-def test_a_loop_over_tasks_replaces_vmap_where_vmap_fails(monkeypatch, capsys):
-    """over_tasks: vmap and the loop it falls back to give the same values and gradients."""
-    w = torch.randn(3, 4, requires_grad=True)
-    x = torch.randn(3, 5, 4)
-    fn = lambda wt, xt: (xt @ wt).tanh()
-    (g_vmap,) = torch.autograd.grad(cm.over_tasks(fn, 3, w, x).sum(), w)
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("Batching rule not implemented for aten::something")
-    monkeypatch.setattr(cm, "vmap", broken)
-    monkeypatch.setattr(cm, "_VMAP_FAILED", [])
-    looped = cm.over_tasks(fn, 3, w, x)
-    (g_loop,) = torch.autograd.grad(looped.sum(), w)
-    torch.testing.assert_close(looped, torch.stack([fn(w[t], x[t]) for t in range(3)]))
-    torch.testing.assert_close(g_loop, g_vmap)
-    assert "looping over the tasks instead" in capsys.readouterr().err

@@ -211,3 +211,29 @@ def test_a_budget_cut_writes_what_is_done_and_a_rerun_finishes(tiny_run, tmp_pat
     assert json.loads((cut / "run.json").read_text())["finished"] is False
     ct.main(["--reproduce", "tiny", "--out", str(cut), "--device", "cpu"])
     assert json.loads((cut / "results.json").read_text()) == json.loads((tiny_run / "results.json").read_text())
+
+
+def test_cells_batched_across_seeds_and_a_shared_backbone_give_the_same_numbers(tiny_run, tmp_path, monkeypatch):
+    """task_batch only groups tasks (each trains with its own seed): the tiny grid with every seed of a cell in one
+    optimisation (and the sweep's rates together) gives the records of one seed's batch at a time; --pretrained reuses
+    another folder's backbone of the same settings and refuses one of other settings."""
+    import ct_reproduction
+    from ct_regression import CT_REPRODUCTIONS
+    monkeypatch.setitem(CT_REPRODUCTIONS, "tiny", dataclasses.replace(CT_REPRODUCTIONS["tiny"], task_batch=12))
+    wide = tmp_path / "wide"
+    ct.main(["--reproduce", "tiny", "--out", str(wide), "--device", "cpu", "--pretrained", str(tiny_run / "pretrain")])
+    assert not (wide / "pretrain").exists()
+    assert [u[2] for u in ct_reproduction.grid_units(CT_REPRODUCTIONS["tiny"])][0] == [(0, 0), (1, 0)]
+    old, new = (json.loads((f / "records.json").read_text()) for f in (tiny_run, wide))
+    assert set(new["runs"]) == set(old["runs"])
+    for key, record in old["runs"].items():
+        assert new["runs"][key]["mse"] == pytest.approx(record["mse"], rel=1e-4, abs=1e-5), key
+    for family, table in old["sweep"].items():
+        for method, by_lr in table.items():
+            assert new["sweep"][family][method] == pytest.approx(by_lr, rel=1e-4, abs=1e-5)
+    cfg = dataclasses.replace(icl_regression.REGRESSION_PRESETS["test"], n_layers=3)
+    other = tmp_path / "other" / "pretrain"
+    meta = {"kind": "pretrain", "n_dims": cfg.n_dims, "model_config": dataclasses.asdict(cfg.model_config()),
+            "config": dataclasses.asdict(cfg), "seed": 0, "step": 0, "done": True, "history": []}
+    icl_regression.save_regression_checkpoint(other, icl_regression.build_regression_model(cfg, 0), meta)
+    refused(["--reproduce", "tiny", "--out", str(tmp_path / "x"), "--pretrained", str(other)], "n_layers=3", tmp_path)
