@@ -9,8 +9,10 @@ generates until end of text; here at most `max_new_tokens` tokens (a label is a 
 label unless a model writes more than that before it.
 
 generate_answers batches the prompts with model.py's `generate` (greedy, KV cache, left padding): a group's token
-prefix (the few-shot demonstrations) is prefilled once and shared by its rows; rows are sorted by length and cut into
-batches of about `batch_tokens` cached positions; torchrun ranks split the rows (gather_answers joins them). With
+prefix (the few-shot demonstrations) is prefilled once and shared by its rows, never copied per row (batch 1: every
+decode step attends to it through model.attention's shared-prefix path); rows are sorted by length and cut into
+batches of about `batch_tokens` cached positions, the shared prefix counted once per batch and each row's own prompt
+and answer positions filling the rest; torchrun ranks split the rows (gather_answers joins them). With
 shape buckets (on CUDA by default, as scoring.score_options), the prefill of a batch, whose FlexAttention kernels
 compile for every new shape, takes one of a few: prompts left-padded to a power-of-two length (a pad-token row of
 that length sets it; model.generate's pad_left mask hides the padding), rows padded to a full batch or a power of
@@ -34,7 +36,8 @@ def finben_label(output: str, labels) -> int:
 
 
 def generation_batches(lengths: list[int], rows: list[int], max_new_tokens: int, batch_tokens: int) -> list[list[int]]:
-    """Rows (indices into lengths), longest first, cut so that rows x (longest + max_new_tokens) <= batch_tokens."""
+    """Rows (indices into lengths: the rows' own prompt lengths), longest first, cut so that rows x (longest +
+    max_new_tokens) <= batch_tokens (at least one row per batch)."""
     rows = sorted(rows, key=lambda i: -lengths[i])
     batches, current = [], []
     for i in rows:
@@ -47,9 +50,8 @@ def generation_batches(lengths: list[int], rows: list[int], max_new_tokens: int,
 
 def bucketed_generation_batches(lengths, rows: list[int], extra: int, batch_tokens: int, pad_id: int):
     """[(rows, padding prompts)]: rows longest first, as many per batch as batch_tokens holds at the longest row's
-    bucket_length + extra (the answer's and the shared prefix's positions), one of them kept free for a pad-token
-    prompt of that length when no row has it; one-token padding prompts fill the batch to the full row count or a
-    power of two."""
+    bucket_length + extra (the answer's positions), one of them kept free for a pad-token prompt of that length when
+    no row has it; one-token padding prompts fill the batch to the full row count or a power of two."""
     rows = sorted(rows, key=lambda i: -lengths[i])
     batches = []
     while rows:
@@ -98,20 +100,17 @@ def generate_answers(model, prompts: list[list[int]], groups: list[str], *, max_
         shape_buckets = model.embed_tokens.weight.device.type == "cuda"
     with static_shapes(shape_buckets):
         for prefix, rows in plan:
-            prefix_kv = group_prefix(model, prefix, soft_prompt)
+            prefix_kv = group_prefix(model, prefix, soft_prompt)  # batch 1, stored once for all the group's batches
             rests = {i: prompts[i][len(prefix):] for i in rows}
-            lengths = {i: len(prefix) + len(rest) for i, rest in rests.items()}
-            if shape_buckets:  # the rows' own lengths set the shapes (the prefix is the same for every batch)
-                batches = bucketed_generation_batches({i: len(r) for i, r in rests.items()}, rows,
-                                                      max_new_tokens + len(prefix), batch_tokens, pad_id)
+            lengths = {i: len(rest) for i, rest in rests.items()}  # the rows' own positions set sizes and shapes
+            own_tokens = batch_tokens - (0 if prefix_kv is None else prefix_kv[0][0].shape[2])  # one prefix a batch
+            if shape_buckets:
+                batches = bucketed_generation_batches(lengths, rows, max_new_tokens, own_tokens, pad_id)
             else:
-                batches = [(batch, []) for batch in generation_batches(lengths, rows, max_new_tokens, batch_tokens)]
+                batches = [(batch, []) for batch in generation_batches(lengths, rows, max_new_tokens, own_tokens)]
             for batch, padding in batches:
-                kv, n_rows = prefix_kv, len(batch) + len(padding)
-                if kv is not None and n_rows > 1:  # a view per row: the plain (not folded) attention path on CUDA
-                    kv = [(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1)) for k, v in kv]
                 outputs = generate(model, [rests[i] for i in batch] + padding, max_new_tokens, eos_id=eos_id,
-                                   pad_id=pad_id, prefix_kv=kv)
+                                   pad_id=pad_id, prefix_kv=prefix_kv)
                 for i, output in zip(batch, outputs):  # padding rows come last and are dropped
                     answers[i] = output
                 bar.update(len(batch))

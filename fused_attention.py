@@ -1,8 +1,9 @@
-"""The CUDA path of model.attention: the mask rule (model.allowed) run as FlexAttention block masks.
+"""The kernels of model.attention beyond plain SDPA: the mask rule (model.allowed) run as FlexAttention block masks
+on CUDA, and a prefix shared by every row attended without a per-row copy (the exact path for few queries).
 
 A block mask records which 128 x 128 tiles of (queries x keys) hold any allowed pair, so memory grows with the number
 of tiles, not with queries x keys, and fully masked tiles cost nothing. The rule is passed in (`rule(layout, b, q,
-kv)`), so this file depends on no model code and the dense CPU path and this one cannot disagree about it.
+kv)`, or a mask it built), so this file depends on no model code and the paths cannot disagree about it.
 """
 import warnings
 
@@ -38,6 +39,42 @@ def prepend_prefix(k, v, prefix):
     B = k.shape[0]
     return (torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2),
             torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2))
+
+
+# Scores held at once by shared_prefix_attention (fp32 elements): larger batches are attended in slices of rows.
+SHARED_PREFIX_SCORE_BUDGET = 1 << 27
+
+
+def shared_prefix_attention(q, k, v, prefix, keep):
+    """Exact attention of q (B, H, T, D) to [shared prefix | own keys], the prefix (k, v) of batch 1 (1, Hkv, P, D)
+    never copied per row: every row's queries meet it in one matmul per KV head (rows folded into the query axis),
+    the own keys k, v (B, Hkv, S, D) in a batched one, and one softmax runs over both score blocks side by side (the
+    log-sum-exp merge of two softmaxes, done before the exponentials). keep: bool, broadcastable to (Hkv, B, G, T,
+    P + S) (G = H / Hkv query heads per KV head), True = may attend. At least fp32 inside (as SDPA's math
+    backend)."""
+    B, H, T, D = q.shape
+    rows = max(1, SHARED_PREFIX_SCORE_BUDGET // (H * T * (prefix[0].shape[2] + k.shape[2])))
+    if B <= rows:
+        return _shared_prefix_rows(q, k, v, prefix, keep)
+    per_row = keep.shape[1] > 1
+    return torch.cat([_shared_prefix_rows(q[i:i + rows], k[i:i + rows], v[i:i + rows], prefix,
+                                          keep[:, i:i + rows] if per_row else keep) for i in range(0, B, rows)])
+
+
+def _shared_prefix_rows(q, k, v, prefix, keep):
+    B, H, T, D = q.shape
+    Hkv, P = k.shape[1], prefix[0].shape[2]
+    G, exact = H // Hkv, torch.promote_types(q.dtype, torch.float32)
+    q = q.to(exact).reshape(B, Hkv, G * T, D) * D ** -0.5  # grouped query heads ride along the query axis
+    prefix_k, prefix_v = prefix[0][0].to(exact), prefix[1][0].to(exact)  # (Hkv, P, D)
+    prefix_scores = q.transpose(0, 1).reshape(Hkv, B * G * T, D) @ prefix_k.transpose(1, 2)
+    own_scores = q @ k.to(exact).transpose(2, 3)  # (B, Hkv, G*T, S)
+    scores = torch.cat([prefix_scores.view(Hkv, B, G, T, P), own_scores.view(B, Hkv, G, T, -1).transpose(0, 1)], -1)
+    probs = torch.softmax(scores.masked_fill_(~keep, float("-inf")), -1)  # (Hkv, B, G, T, P + S)
+    from_prefix = probs[..., :P].reshape(Hkv, B * G * T, P) @ prefix_v  # a view: rows, heads, queries merge
+    from_own = probs[..., P:].transpose(0, 1).reshape(B, Hkv, G * T, -1) @ v.to(exact)
+    out = from_prefix.view(Hkv, B, G * T, D).transpose(0, 1) + from_own
+    return out.reshape(B, H, T, D).to(v.dtype)
 
 
 def folded_rule(layout, n_queries: int, n_own_keys: int, rule):

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fused_attention import flex_attention_path, prepend_prefix
+from fused_attention import flex_attention_path, prepend_prefix, shared_prefix_attention
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -238,8 +238,9 @@ class AttentionMask:
 @dataclass
 class MaskLayout:
     """What the attention kernel needs for one forward pass: the caller's mask, where the keys sit (P prefix positions,
-    then query_offset cached ones), and the FlexAttention block masks built for it (once per forward, shared by every
-    layer). Made by Transformer.hidden_states (or a test/benchmark calling `attention` directly)."""
+    then query_offset cached ones), and the masks built for it (FlexAttention block masks, the shared prefix's dense
+    mask; once per forward, shared by every layer). Made by Transformer.hidden_states (or a test/benchmark calling
+    `attention` directly)."""
     mask: AttentionMask = field(default_factory=AttentionMask)
     prefix_len: int = 0
     query_offset: int = 0
@@ -291,7 +292,7 @@ def attention(q, k, v, layout: MaskLayout, prefix=None):
     """Scaled dot-product attention under a mask layout (an AttentionMask placed in key space).
 
     q (B, H, T, D); k, v (B, Hkv, S, D): the row's own keys (cached + this call), already rotated;
-    prefix: (k, v) each (1 or B, Hkv, P, D); batch 1 is shared by every row and never copied per row on CUDA.
+    prefix: (k, v) each (1 or B, Hkv, P, D); batch 1 is shared by every row and never copied per row.
     Returns (B, H, T, D).
     """
     B, H, T, D = q.shape
@@ -302,7 +303,11 @@ def attention(q, k, v, layout: MaskLayout, prefix=None):
     if layout.is_plain_causal():  # the common training case: SDPA picks its fastest causal kernel (flash/cuDNN)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     shared_prefix = prefix is not None and prefix[0].shape[0] == 1 and B > 1
-    if q.device.type != "cuda" or (B * T if shared_prefix else T) < 128:
+    if shared_prefix and (q.device.type != "cuda" or T == 1 or B * T < 128):
+        # Exact, the prefix stored once: on CPU, for decode steps (FlexAttention's folded 128 x 128 tiles would be
+        # almost all masked, and its block mask rebuilt every step) and for fewer than 128 queries in all.
+        return shared_prefix_attention(q, k, v, prefix, _shared_prefix_keep(layout, B, T, P + k.shape[2], q.device))
+    if q.device.type != "cuda" or (T < 128 and not shared_prefix):
         # Exact path: on CPU (FlexAttention has no CPU backward), and for fewer than 128 queries (decode steps, short
         # pairs), where FlexAttention switches to a decoding kernel that fails to compile for some shapes (torch 2.11)
         # and the dense mask is small anyway (under 128 x keys per row).
@@ -313,6 +318,16 @@ def attention(q, k, v, layout: MaskLayout, prefix=None):
         with sdpa_kernel(SDPBackend.MATH) if q.is_cuda else contextlib.nullcontext():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
     return flex_attention_path(q, k, v, layout, prefix, gqa, allowed)
+
+
+def _shared_prefix_keep(layout: MaskLayout, batch: int, n_queries: int, n_keys: int, device):
+    """The dense mask in shared_prefix_attention's score layout (1, batch or 1, 1, n_queries, n_keys), built once per
+    forward and shared by every layer (decode steps would otherwise rebuild it per layer)."""
+    key = ("shared prefix dense", batch, n_queries, n_keys)
+    if key not in layout.block_masks:
+        at = lambda n, dim: torch.arange(n, device=device).view([-1 if d == dim else 1 for d in range(5)])
+        layout.block_masks[key] = allowed(layout, at(batch, 1), at(n_queries, 3), at(n_keys, 4))
+    return layout.block_masks[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from benchmark_data import CAUSAL20_LABELS, FIQA_LABELS, MULTIFIN_LABELS, Questi
 from conftest import LLAMA_TOKENIZER, needs_data, tiny_cfg
 from data import Tokenizer
 from model import create_model, generate
-from scoring import MIN_SHARED_PREFIX, encode_questions
+from scoring import MIN_SHARED_PREFIX, encode_questions, shared_prefix_len
 
 
 def test_finben_label_match_on_worked_examples():
@@ -108,6 +108,32 @@ def test_batched_cached_rank_split_generation_equals_one_prompt_at_a_time(tokeni
     assert [a if a is not None else b for a, b in zip(*halves)] == plain
     assert all((a is None) != (b is None) for a, b in zip(*halves))
     assert gather_answers(plain, 1) == plain
+
+
+def test_shared_prefix_is_passed_once_and_counted_once_per_batch(tokenizer_path, one_thread, monkeypatch):
+    """The group's prefix reaches model.generate with batch 1 (every row attends to the one stored copy), and
+    batch_tokens bounds one prefix + the rows' own positions: all rows fit in one batch at prefix + rows x (own + new)
+    tokens, where counting the prefix per row would allow one; the answers stay those of one prompt at a time."""
+    import answer_generation
+    tok = Tokenizer(tokenizer_path)
+    model = create_model(tiny_cfg(), seed=0).eval()
+    shared = "The patient reduced the dose in two weeks.\nAnswer: pain\n\n" * 4
+    questions = [Question("g", shared, f"We treated {w}.\nAnswer:", CHOICES, 0, i)
+                 for i, w in enumerate(["the dose", "revenue", "the risk", "pain in the first week"])]
+    prompts = [e.context for e in encode_questions(tok, questions)]
+    prefix_len = shared_prefix_len(prompts)
+    own = max(len(p) for p in prompts) - prefix_len
+    calls, real = [], answer_generation.generate
+    monkeypatch.setattr(answer_generation, "generate", lambda m, rows, *a, prefix_kv=None, **kw: calls.append(
+        (len(rows), prefix_kv[0][0].shape[0], prefix_kv[0][0].shape[2])) or real(m, rows, *a, prefix_kv=prefix_kv,
+                                                                                   **kw))
+    plain = [generate(model, [p], 3)[0] for p in prompts]
+    fits = prefix_len + 4 * (own + 3)
+    assert generate_answers(model, prompts, ["g"] * 4, max_new_tokens=3, eos_id=None, batch_tokens=fits,
+                            progress=False, shape_buckets=False) == plain
+    (rows, prefix_batch, cached_prefix), = calls
+    assert rows == 4 and prefix_batch == 1 and cached_prefix == prefix_len >= MIN_SHARED_PREFIX
+    assert 2 * (cached_prefix + own + 3) > fits  # counted once per row, the prefix would leave room for one row
 
 
 def test_icl_gen_exact_match_and_format_leak_rate():

@@ -172,6 +172,74 @@ def test_folded_rule_equals_per_row_rule():
         assert not folded[b, :, P:].sum() - folded[b, :, own].sum()  # nothing from other rows
 
 
+def shared_prefix_cases():
+    """(name, mask fields, B, H, Hkv, T, cached positions): every field that can occur with a shared prefix."""
+    B, P = 3, 5
+    g = torch.Generator().manual_seed(1)
+    yield "prefix-only", dict(), B, 4, 2, 3, 1  # one mask for every row
+    yield "decode-left-padding", dict(pad_left=torch.tensor([0, 2, 4])), B, 4, 2, 1, 5
+    yield "decode-mha", dict(pad_left=torch.tensor([1, 0, 3])), B, 2, 2, 1, 6
+    yield "leave-one-out", dict(hidden_span=torch.tensor([[0, 2], [2, 4], [4, 5]])), B, 4, 2, 4, 0
+    yield "span-across-the-prefix-end", dict(hidden_span=torch.tensor([[3, 7], [0, 5], [5, 8]])), B, 4, 1, 4, 2
+    yield "dropout-prefix-and-own", dict(dropped=torch.rand(B, P + 3, generator=g) < 0.4), B, 4, 2, 3, 2
+    yield "packed-docs", dict(doc_ids=torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 2, 3, 4]])), B, 4, 2, 3, 2
+    yield "everything", dict(pad_left=torch.tensor([1, 0, 2]), hidden_span=torch.tensor([[1, 3], [0, 1], [3, 6]]),
+                             dropped=torch.rand(B, P, generator=g) < 0.3,
+                             doc_ids=torch.tensor([[0, 0, 0, 1], [0, 1, 1, 1], [2, 2, 2, 2]])), B, 8, 2, 2, 2
+    yield "one-row-of-many", dict(pad_left=torch.tensor([3, 0, 1, 0, 2, 0, 0])), 7, 4, 2, 1, 3
+
+
+@pytest.mark.parametrize("case", list(shared_prefix_cases()), ids=lambda c: c[0])
+@pytest.mark.parametrize("score_budget", [None, 1])  # 1: attended one row at a time (large batches)
+def test_shared_prefix_path_equals_naive_reference_and_the_copying_path(case, score_budget, monkeypatch):
+    """A batch-1 prefix with few queries per row: attended once (no per-row copy), one softmax over prefix and own
+    scores; outputs and gradients (the prefix's too: CT-KV trains it) equal the naive reference and the exact path
+    over [prefix | own keys] copied per row (a batch-B prefix takes that path)."""
+    import fused_attention
+    import model as model_module
+    _, fields, B, H, Hkv, T, cached = case
+    P, D, S = 5, 8, cached + T
+    if score_budget:
+        monkeypatch.setattr(fused_attention, "SHARED_PREFIX_SCORE_BUDGET", score_budget)
+    g = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+    q, k, v, prefix_k, prefix_v = make(B, H, T, D), make(B, Hkv, S, D), make(B, Hkv, S, D), make(1, Hkv, P, D), \
+        make(1, Hkv, P, D)
+    layout = lambda: MaskLayout(AttentionMask(**fields), prefix_len=P, query_offset=cached)
+    copies = []
+    monkeypatch.setattr(model_module, "prepend_prefix",
+                        lambda *a: copies.append(1) or fused_attention.prepend_prefix(*a))
+    out = attention(q, k, v, layout(), (prefix_k, prefix_v))
+    assert not copies  # the shared prefix was never copied per row
+    per_row = attention(q, k, v, layout(), (prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)))
+    assert copies  # ... while a batch-B prefix takes the copying exact path
+    keep = naive_keep(B, T, P, S, offset=cached, **fields)[:, :, :, :P + S]
+    ref = naive_attention(q, torch.cat([prefix_k.expand(B, -1, -1, -1), k], 2),
+                          torch.cat([prefix_v.expand(B, -1, -1, -1), v], 2), keep)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, per_row)
+    inputs, upstream = [q, k, v, prefix_k, prefix_v], torch.randn_like(out)
+    for expected in (ref, per_row):
+        for got, want in zip(torch.autograd.grad(out, inputs, upstream, retain_graph=True),
+                             torch.autograd.grad(expected, inputs, upstream, retain_graph=True)):
+            torch.testing.assert_close(got, want)
+
+
+def test_shared_prefix_path_in_low_precision_rounds_once():
+    """bf16 in, bf16 out, computed in fp32 inside (as SDPA's math backend on CUDA): the fp32 result, rounded once."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 4, 1, 16, generator=g).bfloat16()
+    k, v, prefix_k, prefix_v = (torch.randn(n, 2, s, 16, generator=g).bfloat16() for n, s in ((4, 3), (4, 3), (1, 40),
+                                                                                               (1, 40)))
+    out = attention(q, k, v, MaskLayout(AttentionMask(pad_left=torch.tensor([0, 1, 0, 2])), prefix_len=40,
+                                        query_offset=2), (prefix_k, prefix_v))
+    keep = naive_keep(4, 1, 40, 3, offset=2, pad_left=torch.tensor([0, 1, 0, 2]))
+    ref = naive_attention(q.float(), torch.cat([prefix_k.expand(4, -1, -1, -1), k], 2).float(),
+                          torch.cat([prefix_v.expand(4, -1, -1, -1), v], 2).float(), keep)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=2 ** -8)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Forward variants: prefix KV, explicit positions, embeddings, cache
 
