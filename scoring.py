@@ -16,7 +16,8 @@ Why score_options is fast, with the same numbers as one-question-at-a-time scori
 - Shape buckets (on CUDA by default): after a prefix, attention runs compiled FlexAttention kernels, and every new
   (rows, length, prefix length) shape compiles them again (seconds each). Bucketed batches take one of a few fixed
   shapes instead: lengths and prefix lengths rounded up to a power of two, rows = batch_tokens // length (a group's
-  last batch: the next power of two below that), padding rows dropped, the prefix's padding keys hidden by the mask (model.AttentionMask.hidden_span), positions unchanged.
+  last, short batch: its row count rounded up to a power of two, at most that), padding rows dropped, the prefix's
+  padding keys hidden by the mask (model.AttentionMask.hidden_span), the real tokens' positions unchanged.
 """
 import contextlib
 import sys
@@ -262,8 +263,11 @@ def batch_logprobs(model, batch: list[ScoringRow], prefix_kv, per_row_prefix: bo
     mask = positions = None
     if real_prefix is not None:  # the padded prefix's keys [real_prefix, padded length) are hidden from every row
         span = torch.tensor([[real_prefix, prefix_kv[0][0].shape[2]]], device=device).expand(n_rows, 2)
-        mask, positions = AttentionMask(hidden_span=span), torch.arange(real_prefix, real_prefix + length,
-                                                                         device=device)
+        # Padding columns repeat the longest row's last position: never read, and never past the positions an
+        # unbucketed batch uses (a learned-position model has no embedding beyond max_seq_len).
+        longest = max(len(row.tokens) for row in batch)
+        positions = real_prefix + torch.arange(length, device=device).clamp(max=longest - 1)
+        mask = AttentionMask(hidden_span=span)
     if per_row_prefix and prefix_kv is not None and prefix_kv[0][0].shape[0] == 1:
         prefix_kv = [(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1)) for k, v in prefix_kv]
     hidden = model.hidden_states(tokens.to(device), positions=positions, mask=mask, prefix_kv=prefix_kv)
