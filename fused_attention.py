@@ -61,10 +61,12 @@ def shared_prefix_attention(q, k, v, prefix, keep):
                                           keep[:, i:i + rows] if per_row else keep) for i in range(0, B, rows)])
 
 
+@torch.autocast("cuda", enabled=False)  # scores stay in fp32 under a bf16 autocast too (as SDPA's math backend)
+@torch.autocast("cpu", enabled=False)
 def _shared_prefix_rows(q, k, v, prefix, keep):
     B, H, T, D = q.shape
     Hkv, P = k.shape[1], prefix[0].shape[2]
-    G, exact = H // Hkv, torch.promote_types(q.dtype, torch.float32)
+    G, q_dtype, exact = H // Hkv, q.dtype, torch.promote_types(q.dtype, torch.float32)
     q = q.to(exact).reshape(B, Hkv, G * T, D) * D ** -0.5  # grouped query heads ride along the query axis
     prefix_k, prefix_v = prefix[0][0].to(exact), prefix[1][0].to(exact)  # (Hkv, P, D)
     prefix_scores = q.transpose(0, 1).reshape(Hkv, B * G * T, D) @ prefix_k.transpose(1, 2)
@@ -74,7 +76,7 @@ def _shared_prefix_rows(q, k, v, prefix, keep):
     from_prefix = probs[..., :P].reshape(Hkv, B * G * T, P) @ prefix_v  # a view: rows, heads, queries merge
     from_own = probs[..., P:].transpose(0, 1).reshape(B, Hkv, G * T, -1) @ v.to(exact)
     out = from_prefix.view(Hkv, B, G * T, D).transpose(0, 1) + from_own
-    return out.reshape(B, H, T, D).to(v.dtype)
+    return out.reshape(B, H, T, D).to(q_dtype)
 
 
 def folded_rule(layout, n_queries: int, n_own_keys: int, rule):

@@ -226,7 +226,8 @@ def test_shared_prefix_path_equals_naive_reference_and_the_copying_path(case, sc
 
 
 def test_shared_prefix_path_in_low_precision_rounds_once():
-    """bf16 in, bf16 out, computed in fp32 inside (as SDPA's math backend on CUDA): the fp32 result, rounded once."""
+    """bf16 in, bf16 out, computed in fp32 inside (as SDPA's math backend on CUDA), under autocast too: the fp32
+    result, rounded once."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(4, 4, 1, 16, generator=g).bfloat16()
     k, v, prefix_k, prefix_v = (torch.randn(n, 2, s, 16, generator=g).bfloat16() for n, s in ((4, 3), (4, 3), (1, 40),
@@ -238,6 +239,10 @@ def test_shared_prefix_path_in_low_precision_rounds_once():
                           torch.cat([prefix_v.expand(4, -1, -1, -1), v], 2).float(), keep)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref.bfloat16(), atol=0, rtol=2 ** -8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an autocast region does not lower the scores' precision
+        auto = attention(q.float(), k.float(), v.float(), MaskLayout(AttentionMask(pad_left=torch.tensor(
+            [0, 1, 0, 2])), prefix_len=40, query_offset=2), (prefix_k.float(), prefix_v.float()))
+    torch.testing.assert_close(auto, ref)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
