@@ -199,8 +199,9 @@ class CTRunConfig:
                                    choices=list(CT_REPRODUCTIONS))
     budget: float | None = option(None, "--reproduce: stop starting new work after this many seconds (resumable)")
     compile: bool = option(False, "--reproduce: torch.compile the backbone's pretraining")
-    pretrained: str | None = option(None, "--reproduce: reuse this finished icl_regression checkpoint folder of the "
-                                          "preset's settings (e.g. synthetic.py's rotary full run's pretrain/)")
+    pretrained: str | None = option(None, "--quick / --reproduce: reuse this finished icl_regression checkpoint "
+                                          "folder of the preset's settings (e.g. synthetic.py's rotary full run's "
+                                          "pretrain/)")
     time: str | None = option(None, "per-task wall time of every method on random-weight Llama shapes (comma list of "
                                     f"{', '.join(TIMING_SHAPES)}), a markdown table")
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "torch device")
@@ -347,6 +348,8 @@ def main(argv=None):
     try:
         check_ranges(args)
         run = config_from_args(CTRunConfig, args)
+        if run.pretrained and not (run.quick or run.reproduce):
+            raise ValueError("--pretrained: only with --quick or --reproduce (the synthetic reproduction's backbone)")
         if run.time:
             return run_timing(run.time, run.device, run.out)
         if run.quick or run.reproduce:  # reads only --seeds: the rest is the preset's (CTQuickConfig), not text flags

@@ -26,14 +26,16 @@ The lead (BOS, Llama's attention sink) is never dropped and never trained.
 
 Several tasks of one layout (the regression reproduction's batch of tasks) train together: every trainable tensor
 has a leading task axis and the tasks' rows are folded task-major into one batch (each row after its own task's prefix
-or prompt; TTT's LoRA applies task t's adapters to task t's rows: folded_lora). Each task draws from its own streams
-(seed cfg.task_seeds[t], default cfg.seed + t: dropout masks, mini-batch order, TTT's permutations, adapters and LoRA
-dropout) and may have its own learning rate (cfg.task_lr_scales); AdamW (elementwise) and the gradient clipping (per
-task) keep the tasks independent, so T tasks at once train as T separate runs with those seeds and rates would.
+or prompt; TTT's LoRA applies task t's adapters to task t's rows: folded_lora). Each task draws from its own streams,
+one per purpose (token dropout, mini-batch order, TTT's permutations, adapters and LoRA dropout), each seeded from the
+task's seed (cfg.task_seeds[t], default cfg.seed + t; stream_seed), and may have its own learning rate
+(cfg.task_lr_scales); AdamW (elementwise) and the gradient clipping (per task) keep the tasks independent, so T tasks at
+once train as T separate runs with those seeds and rates would.
 """
 import contextlib
 import copy
 import functools
+import hashlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -214,8 +216,8 @@ def dropout_mask(rows: int, P: int, p: float, generator, device, keep: int = 0):
 
 def task_seeds(cfg: TuneConfig, tasks: int) -> list[int]:
     """Each task's seed: cfg.task_seeds, else cfg.seed + t. Everything random of task t (dropout masks, mini-batch
-    order, TTT's permutations, adapters and LoRA dropout) comes from it, so task t of a batch draws what a run of that
-    task alone with --seed task_seeds[t] draws."""
+    order, TTT's permutations, adapters and LoRA dropout) comes from it (stream_seed), so task t of a batch draws what a
+    run of that task alone with --seed task_seeds[t] draws."""
     if cfg.task_seeds is None:
         return [cfg.seed + t for t in range(tasks)]
     if len(cfg.task_seeds) != tasks:
@@ -223,9 +225,22 @@ def task_seeds(cfg: TuneConfig, tasks: int) -> list[int]:
     return list(cfg.task_seeds)
 
 
-def task_generators(cfg: TuneConfig, tasks: int, device="cpu") -> list[torch.Generator]:
-    """Task t's random stream (dropout masks, TTT permutations, LoRA dropout on `device`): seeded task_seeds[t]."""
-    return [torch.Generator(device).manual_seed(seed) for seed in task_seeds(cfg, tasks)]
+# The random streams of a task, one per purpose. Seeding two of them with the task's seed itself would make them draw
+# the same numbers (a torch.Generator seeded s, and torch.manual_seed(s) on CPU and on CUDA, start one sequence).
+STREAMS = ("token-dropout", "mini-batch-order", "ttt-permutations", "ttt-mini-batch-order", "lora-init", "lora-dropout")
+
+
+def stream_seed(seed: int, purpose: str) -> int:
+    """The seed of task seed `seed`'s stream for `purpose` (STREAMS): a hash, the same on every machine."""
+    if purpose not in STREAMS:
+        raise ValueError(f"unknown random stream {purpose!r}; one of {', '.join(STREAMS)}")
+    digest = hashlib.blake2b(f"{purpose}/{seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
+def task_generators(cfg: TuneConfig, tasks: int, purpose: str, device="cpu") -> list[torch.Generator]:
+    """Each task's random stream for `purpose` (STREAMS), on `device`."""
+    return [torch.Generator(device).manual_seed(stream_seed(seed, purpose)) for seed in task_seeds(cfg, tasks)]
 
 
 def task_dropout(generators, rows: int, P: int, p: float, device, keep: int):
@@ -258,32 +273,31 @@ def clip_per_task(params, max_norm: float):
 
 
 def mini_batch_loss(sums, tokens, batch_tokens, batch_rows: int, reduction: str):
-    """(T,) loss of rows with summed losses `sums` (T, R) and loss-token counts `tokens` ((T, R) or (R,)), part of a
-    mini-batch of batch_rows rows and batch_tokens ((T,) or a scalar) tokens in the loss: 'tokens' (official) divides
-    by the mini-batch's token count, 'pairs' averages each row's mean over the mini-batch's rows. Summed over a
-    mini-batch's parts (micro-batches), either gives the mini-batch's loss."""
+    """(T,) loss of rows with summed losses `sums` (T, R) and loss-token counts `tokens` (T, R), part of each task's
+    mini-batch of batch_rows rows and batch_tokens (T,) tokens in the loss: 'tokens' (official) divides by the
+    mini-batch's token count, 'pairs' averages each row's mean over the mini-batch's rows. Summed over a mini-batch's
+    parts (micro-batches), either gives the mini-batch's loss."""
     if reduction == "tokens":
-        return sums.sum(1) / torch.as_tensor(batch_tokens).float().clamp(min=1.0)
+        return sums.sum(1) / batch_tokens.float().clamp(min=1.0)
     return (sums / tokens.clamp(min=1)).sum(1) / batch_rows
 
 
 def optimise(params, pair_sums, row_tokens, n_rows: int, cfg: TuneConfig, desc: str, *, per_epoch: bool,
-             drop_last: bool = False):
+             drop_last: bool = False, order_stream: str = "mini-batch-order"):
     """AdamW (no weight decay), cosine decay to 0 without warm-up over cfg.steps optimiser steps, grad norm clipped to
     cfg.grad_clip per task. A mini-batch's loss is marc's: `reduction` over its rows times rows / batch size (a short
     last batch weighs less), divided by the step's number of mini-batches. Each task shuffles its rows with its own
     stream and steps at its own rate (cfg.task_lr_scales: AdamW's step, linear in lr without weight decay, scaled).
     params carry a leading task axis (T); pair_sums(rows) -> (T, R) summed loss of each task's rows (rows: (T, R)
-    indices); row_tokens(rows) -> (T, R) their tokens in the loss."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    indices); row_tokens(rows) -> (T, R) their tokens in the loss; order_stream: the tasks' streams (STREAMS) that
+    shuffle the rows."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # marc: no weight decay
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, 0, cfg.steps))  # cosine, no warm-up
     size, T = min(cfg.batch_size or n_rows, n_rows), params[0].shape[0]
     scales = None if cfg.task_lr_scales is None else torch.tensor(cfg.task_lr_scales, dtype=torch.float64)
     if scales is not None and len(scales) != T:
         raise ValueError(f"task_lr_scales: {len(scales)} rates for {T} tasks")
-    # the loader's shuffling: a stream of its own per task (the tasks' other streams start at their seeds)
-    streams = [step_batches(n_rows, size, torch.Generator().manual_seed((seed + 1) * 0x9E3779B97F4A7C15 % 2**63),
-                            per_epoch, drop_last) for seed in task_seeds(cfg, T)]
+    streams = [step_batches(n_rows, size, g, per_epoch, drop_last) for g in task_generators(cfg, T, order_stream)]
     for _ in tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, leave=False):
         opt.zero_grad(set_to_none=True)
         group = [torch.stack(parts) for parts in zip(*(next(s) for s in streams))]  # the step's (T, R) mini-batches
@@ -297,6 +311,9 @@ def optimise(params, pair_sums, row_tokens, n_rows: int, cfg: TuneConfig, desc: 
                 (loss.sum() * rows.shape[1] / size / len(group)).backward()
         clip_per_task(params, cfg.grad_clip)
         before = None if scales is None else [p.detach().clone() for p in params]
+        # Per-task rates: AdamW's step p - p0 = -lr (m_hat / (sqrt(v_hat) + eps) + weight_decay p0) is linear in lr
+        # (its decoupled weight decay too) and its moments come from the gradients, not from lr, so task t's step at
+        # lr x scale[t] is scale[t] x its step at lr. An optimiser whose step is not linear in lr would break this.
         opt.step()
         if before is not None:
             with torch.no_grad():
@@ -311,12 +328,11 @@ def optimise(params, pair_sums, row_tokens, n_rows: int, cfg: TuneConfig, desc: 
 # CT-KV and prefix tuning: trainable K/V of a prefix
 
 
-def kv_pair_sums(model, io, embeds, targets, in_loss, prefix_kv, spans=None, dropped=None, hidden_fn=None):
+def kv_pair_sums(model, io, embeds, targets, in_loss, prefix_kv, spans=None, dropped=None):
     """Summed loss of training pairs (rows of embeds/targets/in_loss) after a prefix: positions start at P, spans (R, 2)
-    are hidden from their row (leave-one-out), dropped (R, P) prefix positions are invisible. hidden_fn: the model's
-    hidden_states, or one task's adapted version of it."""
-    hidden = (hidden_fn or model.hidden_states)(embeds=embeds, prefix_kv=prefix_kv,
-                                                mask=AttentionMask(hidden_span=spans, dropped=dropped))
+    are hidden from their row (leave-one-out), dropped (R, P) prefix positions are invisible."""
+    hidden = model.hidden_states(embeds=embeds, prefix_kv=prefix_kv, mask=AttentionMask(hidden_span=spans,
+                                                                                      dropped=dropped))
     return io.loss_sums(hidden, targets, in_loss)
 
 
@@ -344,7 +360,7 @@ def tune_kv(model, io, ep, kv, cfg: TuneConfig, spans=None, dropout=0.0, desc="c
     T, lead, dtype, P = stack.tasks, stack.lead_len, model_dtype(model), kv[0][0].shape[2]
     fixed = [t[:, :, :lead] for layer in kv for t in layer]
     params = [nn.Parameter(t[:, :, lead:].detach().float().clone()) for layer in kv for t in layer]
-    generators, device = task_generators(cfg, T), stack.embeds.device
+    generators, device = task_generators(cfg, T, "token-dropout"), stack.embeds.device
     tasks = torch.arange(T, device=device)[:, None]
 
     def prefix_of(trained, frozen):
@@ -400,7 +416,7 @@ def tune_prompt(model, io, ep, prompt, cfg: TuneConfig, spans=None, dropout=0.0,
     T, lead, dtype, P = stack.tasks, stack.lead_len, model_dtype(model), prompt.shape[1]
     fixed = prompt[:, :lead]
     param = nn.Parameter(prompt[:, lead:].detach().float().clone())
-    generators, device = task_generators(cfg, T), stack.embeds.device
+    generators, device = task_generators(cfg, T, "token-dropout"), stack.embeds.device
     tasks = torch.arange(T, device=device)[:, None]
 
     def pair_sums(rows):  # the T tasks' rows (T, R) in one batch, each after its task's prompt
@@ -432,13 +448,22 @@ def cuda_devices(model) -> list:
     return [device] if device.type == "cuda" else []
 
 
-def _folded_lora_forward(module: LoRALinear, lora_a, lora_b, dropout_columns, x):
+def lora_dropout_keep(shape, p: float, generators, device) -> torch.Tensor:
+    """(T, *shape) bool: which inputs LoRA dropout keeps (probability 1 - p), task t's from generators[t]. A bool mask
+    (what backward keeps) drawn as nn.Dropout draws its noise on CPU: one bernoulli_ per task."""
+    keep = torch.empty(len(generators), *shape, dtype=torch.bool, device=device)
+    for part, generator in zip(keep, generators):
+        part.bernoulli_(1 - p, generator=generator)
+    return keep
+
+
+def _folded_lora_forward(module: LoRALinear, lora_a, lora_b, generators, x):
     """module's output for a batch folded task-major from len(lora_a) tasks: task t's rows with lora_a[t], lora_b[t];
-    in training mode, LoRA dropout with task t's masks, dropout_columns(x) -> (T, ..., in) or None."""
+    in training mode, LoRA dropout with task t's masks drawn from generators[t]."""
     xs = x.unflatten(0, (len(lora_a), -1))
     p = module.dropout.p if isinstance(module.dropout, nn.Dropout) and module.training else 0.0
     if p > 0:
-        xs = xs * dropout_columns(xs).div(1 - p)
+        xs = xs * lora_dropout_keep(xs.shape[1:], p, generators, xs.device) / (1 - p)  # saves the bool mask only
     low = torch.einsum("t...i,tri->t...r", xs, lora_a)
     return module.base(x) + torch.einsum("t...r,tor->t...o", low, lora_b).flatten(0, 1) * module.scale
 
@@ -446,24 +471,13 @@ def _folded_lora_forward(module: LoRALinear, lora_a, lora_b, dropout_columns, x)
 @contextlib.contextmanager
 def folded_lora(model, adapters: dict | None, generators=None):
     """Inside: every LoRA module of `model` runs a batch folded task-major (T groups of rows, T = the adapters' task
-    axis) with task t's weights adapters[name][t]; nothing changes without adapters. Meant for one forward: LoRA
-    dropout (training mode) draws each task's masks for all its modules at once, one call on generators[t] per task
-    (a model with one LoRA module draws what nn.Dropout draws after torch.manual_seed)."""
+    axis) with task t's weights adapters[name][t]; nothing changes without adapters. LoRA dropout (training mode)
+    draws each module's masks when it runs (the model's fixed order of modules), task t's from generators[t] (on CPU:
+    what the modules' nn.Dropout draw after torch.manual_seed)."""
     modules = lora_modules(model) if adapters else {}
-    widths = [m.base.in_features for m in modules.values()]
-    offsets = dict(zip(modules, [sum(widths[:i]) for i in range(len(widths))]))
-    drawn = []
-
-    def columns(name, width, xs):
-        if not drawn:
-            drawn.append(torch.stack([torch.empty(*xs.shape[1:-1], sum(widths), device=xs.device, dtype=xs.dtype)
-                                      .bernoulli_(1 - modules[name].dropout.p, generator=g) for g in generators]))
-        return drawn[0][..., offsets[name]:offsets[name] + width]
-
     for name, module in modules.items():
         module.forward = functools.partial(_folded_lora_forward, module, adapters[f"{name}.lora_a"],
-                                           adapters[f"{name}.lora_b"],
-                                           functools.partial(columns, name, module.base.in_features))
+                                           adapters[f"{name}.lora_b"], generators)
     try:
         yield
     finally:
@@ -473,11 +487,11 @@ def folded_lora(model, adapters: dict | None, generators=None):
 
 def init_adapters(model, seeds) -> dict[str, torch.Tensor]:
     """{parameter name: (T, ...)}: the LoRA adapters' initial values (A random, B zero) for each task seed, as
-    apply_lora under torch.manual_seed(seed) draws them."""
+    apply_lora under torch.manual_seed(stream_seed(seed, "lora-init")) draws them."""
     values = {}
     for seed in seeds:
         with torch.random.fork_rng(devices=cuda_devices(model)):
-            torch.manual_seed(seed)
+            torch.manual_seed(stream_seed(seed, "lora-init"))
             for name, module in lora_modules(model).items():
                 module.init_weights()
                 values.setdefault(f"{name}.lora_a", []).append(module.lora_a.detach().clone())
@@ -526,8 +540,9 @@ def tune_lora(model, io, ep, cfg: TuneConfig, desc="ttt") -> dict[str, torch.Ten
     model.requires_grad_(False)
     initial = init_adapters(model, task_seeds(cfg, T))
     adapters = {name: nn.Parameter(v.float()) for name, v in initial.items()}
-    positions = permuted_positions(stack, ttt_orders(task_generators(cfg, T), cfg.ttt_permutations, k))
-    lora_dropout = task_generators(cfg, T, positions.device)  # each task's LoRA dropout masks, on the model's device
+    positions = permuted_positions(stack, ttt_orders(task_generators(cfg, T, "ttt-permutations"), cfg.ttt_permutations,
+                                                     k))
+    lora_dropout = task_generators(cfg, T, "lora-dropout", positions.device)  # drawn on the model's device
     tasks = torch.arange(T, device=positions.device)[:, None, None]
     answers = stack.context_in_loss.sum()
 
@@ -542,7 +557,7 @@ def tune_lora(model, io, ep, cfg: TuneConfig, desc="ttt") -> dict[str, torch.Ten
     model.train()  # LoRA dropout (drawn from each task's stream)
     try:
         optimise(list(adapters.values()), pair_sums, lambda rows: answers.expand(rows.shape),
-                 cfg.ttt_permutations, cfg, desc, per_epoch=False, drop_last=True)
+                 cfg.ttt_permutations, cfg, desc, per_epoch=False, drop_last=True, order_stream="ttt-mini-batch-order")
     finally:
         model.eval()
     trained = {name: p.detach().to(dtype) for name, p in adapters.items()}
@@ -557,8 +572,10 @@ def tune_lora(model, io, ep, cfg: TuneConfig, desc="ttt") -> dict[str, torch.Ten
 
 @dataclass
 class Adapted:
-    """What each of T tasks answers with: `model` (with task t's LoRA weights `adapters` loaded, when there are any)
-    after the prefix prefix_kv (per layer (T, Hkv, P, head_dim); None: no prefix)."""
+    """What each of T tasks answers with: `model`, after the prefix prefix_kv (per layer (T, Hkv, P, head_dim); None:
+    no prefix). adapters: TTT's LoRA weights of each task {name: (T, ...)}, applied per task by folded_lora (the
+    model's own LoRA parameters do not hold them); None when there are none or (one task) they are merged into
+    `model`."""
     model: nn.Module
     prefix_kv: list | None
     adapters: dict | None = None

@@ -133,15 +133,6 @@ def sample_family(family: str, q: CTQuickConfig, n_dims: int, seed: int, task: i
 
 
 @torch.no_grad()
-def regression_mse(model, io: RegressionIO, prefix_kv, xs, ys) -> float:
-    """Mean squared error of queries xs (Q, d) answered after prefix_kv (one batch-1 prefix shared by all Q)."""
-    x_tokens = io.embed(xs[:, None], torch.zeros_like(ys)[:, None])[:, :1]  # the y token is cut off: any value does
-    # 64 queries per call keep model.py's attention on its exact path (no FlexAttention compile for 1-token rows)
-    hidden = torch.cat([model.hidden_states(embeds=chunk, prefix_kv=prefix_kv) for chunk in x_tokens.split(64)])
-    return io.position_loss(hidden[:, 0], ys).mean().item()
-
-
-@torch.no_grad()
 def regression_errors(adapted: Adapted, io: RegressionIO, xs, ys, rows_per_call: int = 1024) -> list[float]:
     """Each task's mean squared error on its queries xs (T, Q, d), ys (T, Q), answered as `adapted` says: several
     tasks' queries in one batch (about rows_per_call rows), each after its task's prefix and through its task's
@@ -173,6 +164,15 @@ def regression_backbone(out: Path, preset: str, device, deadline: float = math.i
         return None
     reg, meta = icl.load_regression_model(Path(pretrained) if pretrained else out / "pretrain")
     return reg.to(device).eval().requires_grad_(False), meta
+
+
+def backbone_identity(folder) -> dict | None:
+    """What identifies the finished icl_regression checkpoint in `folder`: its settings, seed and final quality (and
+    its path, for messages only); None when `folder` holds no finished checkpoint."""
+    meta = icl.read_meta(folder)
+    if meta is None or not meta.get("done"):
+        return None
+    return {"config": meta.get("config"), "seed": meta.get("seed"), "quality": meta.get("quality"), "path": str(folder)}
 
 
 def check_pretrained(folder: str, preset: str):

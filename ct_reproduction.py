@@ -1,21 +1,26 @@
 """The synthetic reproduction of context tuning (`context_tuning.py --quick`, `--reproduce full`): every method and the
 leave-one-out x token-dropout ablation of CT-KV on the same regression tasks, with confidence intervals over tasks.
 
-Run: family by family, k by k, every method on all seeds' tasks of the (family, k) cell at once
-(CTQuickConfig.task_batch tasks folded into one batched optimisation each; ct_methods.py), scored on their queries.
-Each task trains with its own seed (seed x 1000 + its index), so the numbers do not depend on how tasks are batched.
-Each (family, k, seed, batch, method) result is saved to OUT/records.json at once, so a re-run with the same settings
-continues where the last one stopped (a run with other settings is refused), and a budget cut leaves whole cells
-(every method, every seed). OUT/results.json and OUT/results.md summarise what is done. The learning-rate sweep
-trains its candidate rates together too (each copy of the held-out tasks at its own rate).
+Run: family by family, k by k, every method on the seeds' tasks of a (family, k) cell, CTQuickConfig.task_batch
+tasks folded into one batched optimisation (ct_methods.py; the full preset: a whole cell, every seed, at once), scored
+on their queries. Each task trains with its own seed (seed x 1000 + its index), so the numbers do not depend on how
+tasks are batched. Each (family, k, seed, batch, method) result is saved to OUT/records.json at once, so a re-run with
+the same settings and backbone continues where the last one stopped (other settings, another backbone or records of an
+older version of this script are refused). A budget cut stops between runs; a (seed, batch) block counts in the
+statistics once every method has run on it. OUT/results.json, OUT/results.md and OUT/run.json summarise what is done,
+also after a cut or a SIGTERM. The learning-rate sweep trains its candidate rates together too (each copy of the
+held-out tasks at its own rate).
 
 Statistics, per (family, k) cell and method, over all tasks of every seed (n = seeds x tasks): the mean squared error
 with its 95% confidence interval (t distribution), the same for the paired difference against ICL and against CT-KV
 (every method sees the same tasks), the share of tasks where the method beats ICL, and the mean per seed.
 """
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,13 +32,17 @@ import icl_regression as icl
 from atomic import folder_lock, write_text
 from ct_methods import METHODS, adapt_tasks, stack_episodes
 from ct_regression import (CT_REPRODUCTIONS, SWEEP_LRS, SWEEP_LRS_DEFAULT, SWEPT, TASK_FAMILIES, CTQuickConfig,
-                           RegressionIO, check_pretrained, regression_backbone, regression_episode, regression_errors,
-                           regression_tune_config, sample_family)
+                           RegressionIO, backbone_identity, check_pretrained, regression_backbone, regression_episode,
+                           regression_errors, regression_tune_config, sample_family)
 from metrics import mean_std_ci95
 
 ABLATION = {"ct-kv (leave-one-out + dropout)": (True, True), "ct-kv (leave-one-out only)": (True, False),
             "ct-kv (dropout only)": (False, True), "ct-kv (neither)": (False, False)}
 FULL_ABLATION = "ct-kv (leave-one-out + dropout)"  # = "ct-kv" itself, reported under both names
+TASK_SEED_STRIDE = 1000  # task t of seed s trains with seed s x TASK_SEED_STRIDE + t: at most this many tasks per seed
+# records.json's layout and meaning; 2: each task's random streams per purpose (ct_methods.stream_seed), the backbone
+# recorded. Records of another format are refused (their numbers came from other streams).
+RECORDS_FORMAT = 2
 
 
 def reproduction_runs(q: CTQuickConfig, k: int, lrs: dict | None = None) -> dict:
@@ -62,17 +71,19 @@ def block_tasks(q: CTQuickConfig, batch: int) -> range:
 
 def unit_tasks(q: CTQuickConfig, reg, family: str, blocks, stream: str = "context-tuning"):
     """(xs, ys, seeds) of the blocks' tasks: (T, max(ks) + queries, d), (T, ...) on the backbone's device, and each
-    task's training seed (seed x 1000 + its index in the seed: a task trains the same in any batch)."""
-    found = [(sample_family(family, q, reg.n_dims, seed, t, stream), seed * 1000 + t)
+    task's training seed (seed x TASK_SEED_STRIDE + its index in the seed: a task trains the same in any batch)."""
+    found = [(sample_family(family, q, reg.n_dims, seed, t, stream), seed * TASK_SEED_STRIDE + t)
              for seed, batch in blocks for t in block_tasks(q, batch)]
     device = reg.read_in.weight.device
     return (torch.stack([x for (x, _), _ in found]).to(device), torch.stack([y for (_, y), _ in found]).to(device),
             tuple(seed for _, seed in found))
 
 
-def run_batch(reg, q: CTQuickConfig, k: int, xs, ys, seeds, runs: dict, done: set, save, lr_scales=None):
+def run_batch(reg, q: CTQuickConfig, k: int, xs, ys, seeds, runs: dict, done: set, save, lr_scales=None,
+              deadline=math.inf) -> bool:
     """Every run of `runs` ({name: (method, TuneConfig)}) not in `done` on one batch of tasks (all trained together,
-    task t with seed seeds[t] and learning rate x lr_scales[t]); save(name, record) after each."""
+    task t with seed seeds[t] and learning rate x lr_scales[t]); save(name, record) after each. False when the deadline
+    (time.time()) came before a run could start."""
     io, model = RegressionIO(reg), reg.backbone
     episodes = [regression_episode(io, x[:k], y[:k]) for x, y in zip(xs, ys)]
     stack_episodes(episodes)  # one layout, checked before any training
@@ -81,40 +92,47 @@ def run_batch(reg, q: CTQuickConfig, k: int, xs, ys, seeds, runs: dict, done: se
     for name, (method, cfg) in runs.items():
         if name in done:
             continue
+        if time.time() > deadline:
+            return False
         adapted = adapt_tasks(method, model, io, episodes, replace(cfg, task_seeds=seeds, task_lr_scales=lr_scales),
                               ttt)
         if method == "ttt":
             ttt = adapted  # ttt+ct-kv continues from these adapters, as marc loads the saved TTT checkpoint
         mse = regression_errors(adapted, io, queries_x, queries_y)
         save(name, {"mse": mse, "nmse": [e / p for e, p in zip(mse, label_power)]})
+    return True
 
 
 def sweep_learning_rates(reg, q: CTQuickConfig, family: str, save=lambda: None, records=None,
                          deadline=math.inf) -> dict | None:
     """{method: {lr: mean MSE}} of each method with a learning rate of its own (SWEPT) at every lr of SWEEP_LRS, on
-    q.sweep_tasks held-out tasks of `family` (stream "sweep", seed 0) at the middle k. Several rates train together
-    (max(1, task_batch // sweep_tasks) at a time: the same tasks once per rate, each copy at its rate; the same
-    numbers as one run per rate). records["sweep"] keeps every finished point (resumable); None when the deadline
-    came first."""
+    q.sweep_tasks held-out tasks of `family` (stream "sweep", seed 0) at the middle k. A method's rates train together,
+    q.task_batch (rate, task) pairs per optimisation (the held-out tasks once per rate, each copy at its rate: the same
+    numbers as one run per rate). records["sweep"] keeps every finished rate (resumable); None when the deadline came
+    first."""
     records = {} if records is None else records
     k = sorted(q.ks)[len(q.ks) // 2]
-    blocks = [(0, b) for b in range(math.ceil(q.sweep_tasks / min(q.task_batch, q.sweep_tasks)))]
-    xs, ys, seeds = unit_tasks(replace(q, tasks_per_seed=q.sweep_tasks), reg, family, blocks, "sweep")
+    held_out = replace(q, tasks_per_seed=q.sweep_tasks, task_batch=q.sweep_tasks)
+    xs, ys, seeds = unit_tasks(held_out, reg, family, [(0, 0)], "sweep")
     table = records.setdefault("sweep", {}).setdefault(family, {})
     for method in SWEPT:
         todo = [lr for lr in SWEEP_LRS.get(method, SWEEP_LRS_DEFAULT) if str(lr) not in table.get(method, {})]
-        per_batch = max(1, q.task_batch // q.sweep_tasks)
-        for group in [todo[i:i + per_batch] for i in range(0, len(todo), per_batch)]:
-            if time.time() > deadline:
+        pairs = [(lr, task) for lr in todo for task in range(len(seeds))]
+        errors = {lr: [] for lr in todo}
+        run = {method: reproduction_runs(q, k, {**q.lrs, method: 1.0})[method]}  # lr = 1 x each task's scale
+        for start in range(0, len(pairs), q.task_batch):
+            chunk = pairs[start:start + q.task_batch]
+            index = torch.tensor([task for _, task in chunk], device=xs.device)
+
+            def keep(_name, record, chunk=chunk):
+                for (lr, _), error in zip(chunk, record["mse"]):
+                    errors[lr].append(error)
+            if not run_batch(reg, q, k, xs[index], ys[index], tuple(seeds[t] for _, t in chunk), run, set(), keep,
+                             tuple(lr for lr, _ in chunk), deadline):
                 return None
-            run = {method: reproduction_runs(q, k, {**q.lrs, method: 1.0})[method]}  # lr = 1 x each task's scale
-            errors = []
-            run_batch(reg, q, k, xs.repeat(len(group), 1, 1), ys.repeat(len(group), 1), seeds * len(group), run,
-                      set(), lambda _name, record: errors.extend(record["mse"]),
-                      tuple(lr for lr in group for _ in seeds))
-            for i, lr in enumerate(group):
-                part = errors[i * len(seeds):(i + 1) * len(seeds)]
-                table.setdefault(method, {})[str(lr)] = sum(part) / len(part)
+            for lr in todo:  # rates whose every task is done
+                if len(errors[lr]) == len(seeds) and str(lr) not in table.get(method, {}):
+                    table.setdefault(method, {})[str(lr)] = sum(errors[lr]) / len(seeds)
             save()
     return table
 
@@ -125,8 +143,10 @@ def chosen_lrs(table: dict) -> dict:
 
 
 def grid_units(q: CTQuickConfig):
-    """(family, k, blocks) in run order: family by family, k by k, every seed's tasks of a cell trained together
-    (q.task_batch at a time), so a budget cut leaves whole (family, k) cells done, each with every seed."""
+    """(family, k, blocks) in run order: family by family, k by k, seed by seed; one unit = the (seed, batch) blocks
+    trained together (q.task_batch tasks at most). With task_batch >= seeds x tasks_per_seed (the full preset) a unit
+    is a whole cell, every seed; smaller (the quick preset: one seed per unit), a cell takes several units and a
+    budget cut may leave a cell with only its first seeds done."""
     blocks = task_blocks(q)
     per_unit = max(1, q.task_batch // min(q.task_batch, q.tasks_per_seed))
     return [(family, k, blocks[i:i + per_unit]) for family in q.families for k in q.ks
@@ -153,8 +173,8 @@ def family_lrs(reg, q: CTQuickConfig, records: dict, family: str, save, deadline
 
 
 def run_grid(reg, q: CTQuickConfig, records: dict, save_records, deadline=math.inf, progress=True) -> bool:
-    """Fill records["runs"] (key -> per-task errors of one (seed, batch) block) unit by unit; True when every unit is
-    done."""
+    """Fill records["runs"] (key -> per-task errors of one (seed, batch) block) unit by unit, run by run; True when
+    every unit is done, False when the deadline (time.time()) came first (checked between runs)."""
     names = list(reproduction_runs(q, q.ks[0]))
     todo = [u for u in grid_units(q) if any(unit_key(s, u[1], u[0], b, n) not in records["runs"]
                                             for s, b in u[2] for n in names)]
@@ -177,7 +197,9 @@ def run_grid(reg, q: CTQuickConfig, records: dict, save_records, deadline=math.i
                 at += n
             save_records()
             bar.update(1)
-        run_batch(reg, q, k, xs, ys, seeds, reproduction_runs(q, k, lrs), done, save)
+        if not run_batch(reg, q, k, xs, ys, seeds, reproduction_runs(q, k, lrs), done, save, deadline=deadline):
+            bar.close()
+            return False
     bar.close()
     return True
 
@@ -290,45 +312,102 @@ def results_markdown(q: CTQuickConfig, records: dict, cells: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_resumable(out: Path, q: CTQuickConfig) -> dict:
-    """The records of an earlier run in OUT with the same settings (more seeds allowed), or new empty records.
-    Anything else in OUT's way is refused: results of other settings, or results.json without records."""
+def same_backbone(a: dict | None, b: dict | None) -> bool:
+    """Two backbone_identity records name one backbone (the path may differ: a copy is the same backbone)."""
+    strip = lambda identity: identity and {key: value for key, value in identity.items() if key != "path"}
+    return a is not None and b is not None and strip(a) == strip(b)
+
+
+def check_resumable(out: Path, q: CTQuickConfig, backbone: dict | None) -> dict:
+    """The records of an earlier run in OUT with the same settings (more seeds allowed), records format and backbone,
+    or new empty records. backbone: backbone_identity of the backbone this run uses (None: OUT/pretrain, not finished
+    yet). Anything else in OUT's way is refused: records of other settings, of an older format or of another backbone,
+    results.json without records."""
     records_file, settings = out / "records.json", {**asdict(q), "seeds": None}
     if records_file.is_file():
         try:
             records = json.loads(records_file.read_text())
             earlier = records["config"]
+            if not isinstance(earlier, dict) or not isinstance(records["runs"], dict):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{records_file}: not a records file of context tuning's reproduction; "
                              f"pass another --out") from None
+        if earlier.get("format", 1) != RECORDS_FORMAT:
+            raise ValueError(f"{records_file}: records format {earlier.get('format', 1)} of an earlier version of this "
+                             f"script (now {RECORDS_FORMAT}: other random streams); pass another --out")
         changed = sorted(key for key in settings if key != "seeds" and earlier.get(key) != settings[key])
         if changed:
             raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); pass another --out")
+        if not same_backbone(earlier.get("backbone"), backbone):
+            made_on = (earlier.get("backbone") or {}).get("path")
+            now = backbone["path"] if backbone else f"{out / 'pretrain'} (to be pretrained)"
+            raise ValueError(f"{out} holds a run on the backbone {made_on}, not on {now}; pass --pretrained with that "
+                             f"backbone, or another --out")
         return records
     if (out / "results.json").exists():
         raise ValueError(f"{out}/results.json exists and {records_file} does not (not a resumable run of this "
                          f"script): refusing to replace it; pass another --out")
-    return {"config": settings, "runs": {}}
+    return {"config": {**settings, "format": RECORDS_FORMAT, "backbone": backbone}, "runs": {}}
+
+
+def check_task_count(q: CTQuickConfig):
+    if q.tasks_per_seed > TASK_SEED_STRIDE:
+        raise ValueError(f"tasks_per_seed {q.tasks_per_seed}: at most {TASK_SEED_STRIDE} (task seeds would collide)")
 
 
 def quick_experiment(reg, q: CTQuickConfig, progress: bool = True) -> dict:
     """{run name: stats} of the first (family, k) cell, computed in memory (no files)."""
+    check_task_count(q)
     records = {"config": asdict(q), "runs": {}}
     run_grid(reg, q, records, lambda: None, progress=progress)
     return summarise(q, records)[f"{q.families[0]}/k{q.ks[0]}"]
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside (main thread only): SIGTERM (timeout's) raises KeyboardInterrupt, so finally blocks still write the
+    results."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_results(out: Path, q: CTQuickConfig, records: dict, run_info: dict) -> dict:
+    """records.json, results.json (one (family, k) cell: {run name: stats}; several: {cell: {run name: stats}}),
+    results.md and run.json (q, run_info) for what is finished; returns the results."""
+    write_text(out / "records.json", json.dumps(records))
+    cells = summarise(q, records)
+    results = next(iter(cells.values())) if len(q.ks) == len(q.families) == 1 and cells else cells
+    write_text(out / "results.json", json.dumps(results, indent=1))
+    markdown = results_markdown(q, records, cells)
+    write_text(out / "results.md", markdown)
+    write_text(out / "run.json", json.dumps({**asdict(q), **run_info, "lrs": records.get("lrs")}))
+    print(markdown)
+    return results
+
+
 def run_reproduction(out, q: CTQuickConfig, device="cpu", budget: float = math.inf, compile: bool = False,
                      pretrained: str | None = None):
     """Pretrain (or reuse) the backbone in OUT/pretrain, run the grid within `budget` seconds, resumably, and write
-    OUT/results.json (one (family, k) cell: {run name: stats}; several: {cell: {run name: stats}}) and results.md.
-    Returns the results, or None when the budget ended before the backbone was ready."""
+    OUT/results.json, results.md and run.json (write_results) for what is finished, also when the budget, an error or
+    SIGTERM ends the grid. Returns the results, or None when the budget ended before the backbone was ready."""
     out, start = Path(out), time.time()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; the reproduction writes a folder")
-    records = check_resumable(out, q)
+    check_task_count(q)
     if pretrained is not None:
         check_pretrained(pretrained, q.preset)  # before anything is written
+    folder = Path(pretrained) if pretrained is not None else out / "pretrain"
+    records = check_resumable(out, q, backbone_identity(folder))
     with folder_lock(out, "context tuning reproduction"):
         if torch.device(device).type == "cpu":
             torch.set_num_threads(1)  # tiny matrices: one thread beats two (and shares a busy machine better)
@@ -337,23 +416,22 @@ def run_reproduction(out, q: CTQuickConfig, device="cpu", budget: float = math.i
             print(f"budget of {budget:.0f}s reached while pretraining {out}/pretrain; run again to continue")
             return None
         reg, meta = found
+        records["config"]["backbone"] = records["config"]["backbone"] or backbone_identity(folder)
         print(f"backbone ready ({time.time() - start:.0f}s); {q.seeds} seeds x {q.tasks_per_seed} tasks, "
               f"k in {q.ks}, families {q.families}, d = {reg.n_dims}")
-        finished = run_grid(reg, q, records, lambda: write_text(out / "records.json", json.dumps(records)),
-                            start + budget, progress=sys.stderr.isatty())
-        write_text(out / "records.json", json.dumps(records))
-        cells = summarise(q, records)
-        results = next(iter(cells.values())) if len(q.ks) == len(q.families) == 1 and cells else cells
-        write_text(out / "results.json", json.dumps(results, indent=1))
-        write_text(out / "results.md", results_markdown(q, records, cells))
-        write_text(out / "run.json", json.dumps({**asdict(q), "seconds": round(time.time() - start, 1),
-                                                  "finished": finished, "device": str(device),
-                                                  "lrs": records.get("lrs"), "backbone": meta["config"],
-                                                  "pretrained": str(pretrained or out / "pretrain"),
-                                                  "quality": meta.get("quality")}))
-        print(results_markdown(q, records, cells))
-        print(f"wrote {out / 'results.json'} and results.md ({time.time() - start:.0f}s)" +
-              ("" if finished else "; budget reached: run the same command again to continue"))
+        finished, interrupted = False, True
+        try:
+            with sigterm_as_interrupt():
+                finished = run_grid(reg, q, records, lambda: write_text(out / "records.json", json.dumps(records)),
+                                    start + budget, progress=sys.stderr.isatty())
+            interrupted = False
+        finally:
+            results = write_results(out, q, records, {
+                "seconds": round(time.time() - start, 1), "finished": finished, "device": str(device),
+                "backbone": meta["config"], "pretrained": str(folder), "quality": meta.get("quality")})
+            print(f"wrote {out / 'results.json'} and results.md ({time.time() - start:.0f}s)" +
+                  ("" if finished else f"; {'interrupted' if interrupted else 'budget reached'}: run the same "
+                                       "command again to continue"))
     return results
 
 

@@ -5,11 +5,13 @@
 #     finished, identical settings and seed; else pretrained here, compiled, ~2 min on an H200), a learning-rate sweep
 #     per family on 32 held-out tasks (each method's six candidate rates in one batched optimisation), then per family,
 #     per k in {4, 8, 16, 32}: every method and the CT-KV ablation on 5 seeds x 32 tasks at once (one batched
-#     optimisation per method), 95% CIs over tasks. Family "shifted" completes before "offset" starts; a cut leaves
-#     whole (family, k) cells. Estimate (notes: readme_ctgrid.md): ~10-15 min of one H200 in all -> two calls.
+#     optimisation per method), 95% CIs over tasks. Family "shifted" completes before "offset" starts; --budget stops
+#     between runs (each run's records are kept) and the results files are written for what is finished (also on
+#     timeout's SIGTERM). Estimate (notes: readme_ctgrid.md): ~10-15 min of one H200 in all -> two calls.
 #  2. only when TIME_SHAPES is set and the grid is done: per-task wall time on random-weight Llama shapes (--time).
 # A rerun continues where the last call stopped (records.json keeps every finished run; keep the machine warm, or put
-# the returned records.json back into runs/ct/full/ first: the sweep and finished cells are then not redone).
+# the returned records.json back into runs/ct/full/ first, with the same backbone: the sweep and finished runs are then
+# not redone; records of another backbone or of an older version are refused).
 #
 #   BUDGET=540 bash gpu/ct.sh               # from the repository root; run twice (one GPU: CUDA_VISIBLE_DEVICES[0])
 #   CT_TINY=1 BUDGET=300 bash gpu/ct.sh     # the CPU check at tiny scale
@@ -30,11 +32,13 @@ else
     PRETRAINED=${PRETRAINED:-}
 fi
 mkdir -p "$RUNS"
+STAMP="$RUNS/.call-start"; touch "$STAMP"  # result files older than this are an earlier call's: not copied to $OUT
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 python -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() \
 else 'cpu', '| CUDA_VISIBLE_DEVICES =', '${CUDA_VISIBLE_DEVICES:-unset}')" | tee "$RUNS/device.txt"
 
-# 1. The reproduction: its own --budget ends it cleanly (results written) a little before the hard timeout
+# 1. The reproduction: its own --budget ends it between two runs (results written) before the hard timeout; a run of a
+#    full cell takes seconds, so 75 s covers the last one and the summary
 T=$(left); FINISHED=0
 if [ "$T" -gt 90 ]; then
     BACKBONE=(); [ -n "$PRETRAINED" ] && BACKBONE=(--pretrained "$PRETRAINED") && echo "backbone: $PRETRAINED"
@@ -61,7 +65,8 @@ if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     for f in "$RUNS/device.txt" "$RUNS/$SCALE/results.json" "$RUNS/$SCALE/results.md" "$RUNS/$SCALE/run.json" \
              "$RUNS/$SCALE/records.json" "$RUNS/time/time.json" "$RUNS/time/time.md"; do
-        [ -f "$f" ] && cp "$f" "$OUT/"
+        [ -f "$f" ] || continue
+        if [ -n "$(find "$f" -newer "$STAMP")" ]; then cp "$f" "$OUT/"; else echo "not copied (an earlier call's): $f"; fi
     done
     echo "copied the result files to $OUT"
 fi

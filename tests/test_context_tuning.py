@@ -259,8 +259,8 @@ def test_regression_backbone_icl_matches_synthetic_forward_and_quick_experiment_
     _, prefix_kv = cm.adapt("icl", reg.backbone, io, ep, cm.TuneConfig(progress=False))
     hidden = reg.backbone.hidden_states(embeds=io.embed(xs[None, 4:], ys[None, 4:] * 0)[:, :1], prefix_kv=prefix_kv)
     torch.testing.assert_close(reg.read_out(hidden)[0, 0, 0], reg(xs[None], ys[None])[0, -1], atol=1e-5, rtol=1e-5)
-    assert ct_regression.regression_mse(reg.backbone, io, prefix_kv, xs[4:], ys[4:]) == pytest.approx(
-        (reg(xs[None], ys[None])[0, -1] - ys[4]).item() ** 2, rel=1e-4)
+    errors = ct_regression.regression_errors(cm.Adapted(reg.backbone, prefix_kv), io, xs[None, 4:], ys[None, 4:])
+    assert errors[0] == pytest.approx((reg(xs[None], ys[None])[0, -1] - ys[4]).item() ** 2, rel=1e-4)
     q = ct_regression.CTQuickConfig(ks=[3], tasks_per_seed=1, queries_per_task=4, seeds=2, steps=2)
     results = ct_reproduction.quick_experiment(reg, q, progress=False)
     assert set(results) == set(cm.METHODS) | set(ct_reproduction.ABLATION)

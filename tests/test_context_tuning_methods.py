@@ -132,9 +132,9 @@ def test_official_reduction_is_the_token_weighted_mean(setup):
         logp = logits.log_softmax(-1)[demo.in_loss]
         per_token += (-logp.gather(1, demo.targets[demo.in_loss][:, None])[:, 0]).tolist()
     assert len(set(tokens.tolist())) > 1  # answers of different lengths: the two reductions differ
-    official = cm.mini_batch_loss(sums[None], tokens, tokens.sum(), len(rows), "tokens")
+    official = cm.mini_batch_loss(sums[None], tokens[None], tokens.sum()[None], len(rows), "tokens")
     assert official.item() == pytest.approx(sum(per_token) / len(per_token), rel=1e-5)
-    per_pair = cm.mini_batch_loss(sums[None], tokens, tokens.sum(), len(rows), "pairs")
+    per_pair = cm.mini_batch_loss(sums[None], tokens[None], tokens.sum()[None], len(rows), "pairs")
     assert per_pair.item() == pytest.approx(cm.kv_pair_losses(model, io, pairs, rows, prefix).mean().item(), rel=1e-5)
     assert cm.TuneConfig().reduction == "tokens"
 
@@ -238,20 +238,34 @@ def test_tasks_trained_together_equal_tasks_trained_alone():
         assert together == pytest.approx(alone, rel=1e-4, abs=1e-5), method
 
 
+def test_each_purpose_draws_from_a_stream_of_its_own():
+    """A task's streams (token dropout, mini-batch orders, TTT's permutations, adapters, LoRA dropout) are seeded
+    apart: none from the task's seed itself, where a torch.Generator and torch.manual_seed would start one sequence."""
+    seeds = [cm.stream_seed(s, purpose) for s in (0, 1, 7) for purpose in cm.STREAMS]
+    assert len(set(seeds) | {0, 1, 7}) == len(seeds) + 3 and cm.stream_seed(7, "lora-init") == cm.stream_seed(
+        7, "lora-init")
+    with pytest.raises(ValueError, match="unknown random stream"):
+        cm.stream_seed(0, "dropout")
+
+
 def test_folded_lora_dropout_draws_what_torch_dropout_draws():
-    """With one LoRA module, folded_lora's dropout draws the masks nn.Dropout draws after torch.manual_seed(seed)."""
-    base = torch.nn.Linear(6, 5)
-    lora = LoRALinear(base, rank=2, alpha=2, dropout=0.3)
-    lora.lora_b.data.normal_()
-    model = torch.nn.Sequential(lora).train()
+    """folded_lora's dropout draws, module by module as they run, the masks the modules' nn.Dropout draw after
+    torch.manual_seed(seed); afterwards the plain forward is back."""
+    loras = [LoRALinear(torch.nn.Linear(6, 5), rank=2, alpha=2, dropout=0.3),
+             LoRALinear(torch.nn.Linear(5, 4), rank=2, alpha=2, dropout=0.5)]
+    for lora in loras:
+        lora.lora_b.data.normal_()
+    model = torch.nn.Sequential(*loras).train()
     x = torch.randn(4, 3, 6)
     torch.manual_seed(11)
-    expected = lora(x)
-    adapters = {"0.lora_a": lora.lora_a.detach()[None], "0.lora_b": lora.lora_b.detach()[None]}
+    expected = model(x)
+    adapters = {f"{i}.{w}": getattr(lora, w).detach()[None] for i, lora in enumerate(loras)
+                for w in ("lora_a", "lora_b")}
     with cm.folded_lora(model, adapters, [torch.Generator().manual_seed(11)]):
         folded = model(x)
     torch.testing.assert_close(folded, expected)
-    assert torch.equal(model(x) * 0, expected * 0) and "forward" not in lora.__dict__  # restored afterwards
+    torch.manual_seed(11)
+    assert torch.equal(model(x), expected) and not any("forward" in lora.__dict__ for lora in loras)  # restored
 
 
 def test_timing_reports_every_method_beside_marcs_seconds(setup):

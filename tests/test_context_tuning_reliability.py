@@ -2,13 +2,17 @@
 reproduction folder (--quick / --reproduce): resumed with the same settings, refused with others, never replaced."""
 import dataclasses
 import json
+import math
 import os
 import shutil
+import signal
 
 import pytest
 import torch
 
 import context_tuning as ct
+import ct_regression
+import ct_reproduction
 import hf_checkpoint
 import icl_regression
 from conftest import tiny_cfg
@@ -72,6 +76,7 @@ def text_args(root, *extra):
     (["--model", "llama2-7b", "--random-init"], "--random-init: pass --tokenizer"),
     (["--model", "my/model", "--random-init", "--tokenizer", "t.model"], "--random-init needs --model with a preset"),
     (["--checkpoint", "/nonexistent/ckpt"], "no config.json"),
+    (["--pretrained", "runs/x/pretrain"], "--pretrained: only with --quick or --reproduce"),
 ])
 def test_bad_flags_are_one_line(checkpoint, extra, fragment):
     refused(text_args(checkpoint, *extra), fragment, checkpoint)
@@ -217,7 +222,6 @@ def test_cells_batched_across_seeds_and_a_shared_backbone_give_the_same_numbers(
     """task_batch only groups tasks (each trains with its own seed): the tiny grid with every seed of a cell in one
     optimisation (and the sweep's rates together) gives the records of one seed's batch at a time; --pretrained reuses
     another folder's backbone of the same settings and refuses one of other settings."""
-    import ct_reproduction
     from ct_regression import CT_REPRODUCTIONS
     monkeypatch.setitem(CT_REPRODUCTIONS, "tiny", dataclasses.replace(CT_REPRODUCTIONS["tiny"], task_batch=12))
     wide = tmp_path / "wide"
@@ -231,9 +235,78 @@ def test_cells_batched_across_seeds_and_a_shared_backbone_give_the_same_numbers(
     for family, table in old["sweep"].items():
         for method, by_lr in table.items():
             assert new["sweep"][family][method] == pytest.approx(by_lr, rel=1e-4, abs=1e-5)
+    # the sweep keeps to task_batch too (one (rate, task) pair per optimisation here), with the same numbers
+    sizes, run_batch = [], ct_reproduction.run_batch
+    monkeypatch.setattr(ct_reproduction, "run_batch", lambda reg, q, k, xs, *a, **kw: sizes.append(len(xs)) or
+                        run_batch(reg, q, k, xs, *a, **kw))
+    reg, _ = icl_regression.load_regression_model(tiny_run / "pretrain")
+    one = dataclasses.replace(CT_REPRODUCTIONS["tiny"], task_batch=1)
+    table = ct_reproduction.sweep_learning_rates(reg.eval().requires_grad_(False), one, "offset")
+    assert set(sizes) == {1} and table.keys() == old["sweep"]["offset"].keys()
+    for method, by_lr in old["sweep"]["offset"].items():
+        assert table[method] == pytest.approx(by_lr, rel=1e-4, abs=1e-5)
     cfg = dataclasses.replace(icl_regression.REGRESSION_PRESETS["test"], n_layers=3)
     other = tmp_path / "other" / "pretrain"
     meta = {"kind": "pretrain", "n_dims": cfg.n_dims, "model_config": dataclasses.asdict(cfg.model_config()),
             "config": dataclasses.asdict(cfg), "seed": 0, "step": 0, "done": True, "history": []}
     icl_regression.save_regression_checkpoint(other, icl_regression.build_regression_model(cfg, 0), meta)
     refused(["--reproduce", "tiny", "--out", str(tmp_path / "x"), "--pretrained", str(other)], "n_layers=3", tmp_path)
+
+
+def test_records_of_another_backbone_or_an_older_format_are_refused(tiny_run, tmp_path):
+    """records.json names its backbone (settings, seed, final quality) and its format: a run on another backbone, or
+    records written before either was recorded, are refused before anything is written."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    records = json.loads((run / "records.json").read_text())
+    assert records["config"]["format"] == ct_reproduction.RECORDS_FORMAT
+    assert records["config"]["backbone"]["seed"] == 0 and records["config"]["backbone"]["config"]["n_layers"] > 0
+    cfg = dataclasses.replace(icl_regression.REGRESSION_PRESETS["test"])
+    other = tmp_path / "other" / "pretrain"
+    meta = {"kind": "pretrain", "n_dims": cfg.n_dims, "model_config": dataclasses.asdict(cfg.model_config()),
+            "config": dataclasses.asdict(cfg), "seed": 0, "step": 0, "done": True, "history": [],
+            "quality": {"nmse_at_2d": 0.5}}  # the same settings, trained to another end
+    icl_regression.save_regression_checkpoint(other, icl_regression.build_regression_model(cfg, 0), meta)
+    refused(["--reproduce", "tiny", "--out", str(run), "--pretrained", str(other)], "holds a run on the backbone", run)
+    bare = tmp_path / "bare"  # records made on --pretrained, resumed without it: OUT/pretrain would be a new backbone
+    bare.mkdir()
+    shutil.copy(run / "records.json", bare / "records.json")
+    refused(["--reproduce", "tiny", "--out", str(bare)], "(to be pretrained)", bare)
+    del records["config"]["format"]
+    (run / "records.json").write_text(json.dumps(records))
+    refused(["--reproduce", "tiny", "--out", str(run)], "records format 1 of an earlier version", run)
+    with pytest.raises(ValueError, match="at most 1000"):
+        ct_reproduction.check_task_count(dataclasses.replace(ct_regression.CT_REPRODUCTIONS["tiny"],
+                                                             tasks_per_seed=1001))
+
+
+def test_sigterm_during_the_grid_still_writes_the_results(tiny_run, tmp_path, monkeypatch, capsys):
+    """A SIGTERM (timeout's) between two runs: records, results.json/md and run.json of what finished are written;
+    a deadline stops a batch before its next run."""
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(tiny_run / "pretrain", cut / "pretrain")
+    calls, adapt = [], ct_reproduction.adapt_tasks
+    sweep = sum(len(ct_regression.SWEEP_LRS.get(m, ct_regression.SWEEP_LRS_DEFAULT)) for m in ct_regression.SWEPT)
+
+    def adapt_then_terminate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == sweep + 4:  # the first grid unit's fourth run
+            os.kill(os.getpid(), signal.SIGTERM)
+        return adapt(*args, **kwargs)
+    monkeypatch.setattr(ct_reproduction, "adapt_tasks", adapt_then_terminate)
+    with pytest.raises(KeyboardInterrupt):
+        ct.main(["--reproduce", "tiny", "--out", str(cut), "--device", "cpu"])
+    assert "interrupted: run the same command again" in capsys.readouterr().out
+    assert len(json.loads((cut / "records.json").read_text())["runs"]) == 3
+    assert json.loads((cut / "run.json").read_text())["finished"] is False and (cut / "results.md").is_file()
+    assert json.loads((cut / "results.json").read_text()) == {}  # no unit has every method yet
+    reg, _ = icl_regression.load_regression_model(cut / "pretrain")
+    q = ct_regression.CT_REPRODUCTIONS["tiny"]
+    xs, ys, seeds = ct_reproduction.unit_tasks(q, reg, "shifted", [(0, 0)])
+    runs = ct_reproduction.reproduction_runs(q, 2)
+    saved = []
+    assert not ct_reproduction.run_batch(reg, q, 2, xs, ys, seeds, runs, set(), lambda *a: saved.append(a),
+                                         deadline=0) and not saved
+    assert ct_reproduction.run_batch(reg, q, 2, xs, ys, seeds, runs, set(runs) - {"icl"},
+                                     lambda *a: saved.append(a), deadline=math.inf) and len(saved) == 1
