@@ -28,7 +28,7 @@ Several tasks of one layout (the regression reproduction's batch of tasks) train
 has a leading task axis and the tasks' rows are folded task-major into one batch (each row after its own task's prefix
 or prompt; TTT's LoRA applies task t's adapters to task t's rows: folded_lora). Each task draws from its own streams,
 one per purpose (token dropout, mini-batch order, TTT's permutations, adapters and LoRA dropout), each seeded from the
-task's seed (cfg.task_seeds[t], default cfg.seed + t; stream_seed), and may have its own learning rate
+task's seed (cfg.task_seeds[t], default cfg.seed + t; purpose_seed), and may have its own learning rate
 (cfg.task_lr_scales); AdamW (elementwise) and the gradient clipping (per task) keep the tasks independent, so T tasks at
 once train as T separate runs with those seeds and rates would.
 """
@@ -216,8 +216,8 @@ def dropout_mask(rows: int, P: int, p: float, generator, device, keep: int = 0):
 
 def task_seeds(cfg: TuneConfig, tasks: int) -> list[int]:
     """Each task's seed: cfg.task_seeds, else cfg.seed + t. Everything random of task t (dropout masks, mini-batch
-    order, TTT's permutations, adapters and LoRA dropout) comes from it (stream_seed), so task t of a batch draws what a
-    run of that task alone with --seed task_seeds[t] draws."""
+    order, TTT's permutations, adapters and LoRA dropout) comes from it (purpose_seed), so task t of a batch draws
+    what a run of that task alone with --seed task_seeds[t] draws."""
     if cfg.task_seeds is None:
         return [cfg.seed + t for t in range(tasks)]
     if len(cfg.task_seeds) != tasks:
@@ -227,20 +227,21 @@ def task_seeds(cfg: TuneConfig, tasks: int) -> list[int]:
 
 # The random streams of a task, one per purpose. Seeding two of them with the task's seed itself would make them draw
 # the same numbers (a torch.Generator seeded s, and torch.manual_seed(s) on CPU and on CUDA, start one sequence).
-STREAMS = ("token-dropout", "mini-batch-order", "ttt-permutations", "ttt-mini-batch-order", "lora-init", "lora-dropout")
+RANDOM_PURPOSES = ("token-dropout", "mini-batch-order", "ttt-permutations", "ttt-mini-batch-order", "lora-init",
+                   "lora-dropout")
 
 
-def stream_seed(seed: int, purpose: str) -> int:
-    """The seed of task seed `seed`'s stream for `purpose` (STREAMS): a hash, the same on every machine."""
-    if purpose not in STREAMS:
-        raise ValueError(f"unknown random stream {purpose!r}; one of {', '.join(STREAMS)}")
+def purpose_seed(seed: int, purpose: str) -> int:
+    """The seed of task seed `seed`'s stream for `purpose` (RANDOM_PURPOSES): a hash, the same on every machine."""
+    if purpose not in RANDOM_PURPOSES:
+        raise ValueError(f"unknown random stream {purpose!r}; one of {', '.join(RANDOM_PURPOSES)}")
     digest = hashlib.blake2b(f"{purpose}/{seed}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % 2**63
 
 
 def task_generators(cfg: TuneConfig, tasks: int, purpose: str, device="cpu") -> list[torch.Generator]:
-    """Each task's random stream for `purpose` (STREAMS), on `device`."""
-    return [torch.Generator(device).manual_seed(stream_seed(seed, purpose)) for seed in task_seeds(cfg, tasks)]
+    """Each task's random stream for `purpose` (RANDOM_PURPOSES), on `device`."""
+    return [torch.Generator(device).manual_seed(purpose_seed(seed, purpose)) for seed in task_seeds(cfg, tasks)]
 
 
 def task_dropout(generators, rows: int, P: int, p: float, device, keep: int):
@@ -289,8 +290,8 @@ def optimise(params, pair_sums, row_tokens, n_rows: int, cfg: TuneConfig, desc: 
     last batch weighs less), divided by the step's number of mini-batches. Each task shuffles its rows with its own
     stream and steps at its own rate (cfg.task_lr_scales: AdamW's step, linear in lr without weight decay, scaled).
     params carry a leading task axis (T); pair_sums(rows) -> (T, R) summed loss of each task's rows (rows: (T, R)
-    indices); row_tokens(rows) -> (T, R) their tokens in the loss; order_stream: the tasks' streams (STREAMS) that
-    shuffle the rows."""
+    indices); row_tokens(rows) -> (T, R) their tokens in the loss; order_stream: the purpose (RANDOM_PURPOSES) of the
+    tasks' streams that shuffle the rows."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # marc: no weight decay
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, 0, cfg.steps))  # cosine, no warm-up
     size, T = min(cfg.batch_size or n_rows, n_rows), params[0].shape[0]
@@ -487,11 +488,11 @@ def folded_lora(model, adapters: dict | None, generators=None):
 
 def init_adapters(model, seeds) -> dict[str, torch.Tensor]:
     """{parameter name: (T, ...)}: the LoRA adapters' initial values (A random, B zero) for each task seed, as
-    apply_lora under torch.manual_seed(stream_seed(seed, "lora-init")) draws them."""
+    apply_lora under torch.manual_seed(purpose_seed(seed, "lora-init")) draws them."""
     values = {}
     for seed in seeds:
         with torch.random.fork_rng(devices=cuda_devices(model)):
-            torch.manual_seed(stream_seed(seed, "lora-init"))
+            torch.manual_seed(purpose_seed(seed, "lora-init"))
             for name, module in lora_modules(model).items():
                 module.init_weights()
                 values.setdefault(f"{name}.lora_a", []).append(module.lora_a.detach().clone())

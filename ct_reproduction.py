@@ -40,7 +40,7 @@ ABLATION = {"ct-kv (leave-one-out + dropout)": (True, True), "ct-kv (leave-one-o
             "ct-kv (dropout only)": (False, True), "ct-kv (neither)": (False, False)}
 FULL_ABLATION = "ct-kv (leave-one-out + dropout)"  # = "ct-kv" itself, reported under both names
 TASK_SEED_STRIDE = 1000  # task t of seed s trains with seed s x TASK_SEED_STRIDE + t: at most this many tasks per seed
-# records.json's layout and meaning; 2: each task's random streams per purpose (ct_methods.stream_seed), the backbone
+# records.json's layout and meaning; 2: each task's random streams per purpose (ct_methods.purpose_seed), the backbone
 # recorded. Records of another format are refused (their numbers came from other streams).
 RECORDS_FORMAT = 2
 

@@ -241,11 +241,11 @@ def test_tasks_trained_together_equal_tasks_trained_alone():
 def test_each_purpose_draws_from_a_stream_of_its_own():
     """A task's streams (token dropout, mini-batch orders, TTT's permutations, adapters, LoRA dropout) are seeded
     apart: none from the task's seed itself, where a torch.Generator and torch.manual_seed would start one sequence."""
-    seeds = [cm.stream_seed(s, purpose) for s in (0, 1, 7) for purpose in cm.STREAMS]
-    assert len(set(seeds) | {0, 1, 7}) == len(seeds) + 3 and cm.stream_seed(7, "lora-init") == cm.stream_seed(
+    seeds = [cm.purpose_seed(s, purpose) for s in (0, 1, 7) for purpose in cm.RANDOM_PURPOSES]
+    assert len(set(seeds) | {0, 1, 7}) == len(seeds) + 3 and cm.purpose_seed(7, "lora-init") == cm.purpose_seed(
         7, "lora-init")
     with pytest.raises(ValueError, match="unknown random stream"):
-        cm.stream_seed(0, "dropout")
+        cm.purpose_seed(0, "dropout")
 
 
 def test_folded_lora_dropout_draws_what_torch_dropout_draws():
