@@ -564,11 +564,14 @@ def sample_next(logits, temperature: float = 0.0, top_p: float = 1.0, generator=
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+_warned_past_max_seq_len = False  # generate's warning is said once per process (evaluation calls it per batch)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature=0.0, top_p=1.0, eos_id=None,
              pad_id=0, prefix_kv=None, generator=None):
     """Continue a batch of token-id prompts (left-padded together). Returns the new tokens of each prompt, cut
-    before the first eos_id."""
+    before the first eos_id (an id or a list of ids)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     param = next(model.parameters())
@@ -579,11 +582,14 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature=0.
     tokens = tokens.to(param.device)
     mask = AttentionMask(pad_left=torch.tensor([L - len(p) for p in prompts], device=param.device))
     P = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
-    if P + L + max_new_tokens > model.cfg.max_seq_len:
-        print(f"warning: generating to {P + L + max_new_tokens} positions, past max_seq_len {model.cfg.max_seq_len}",
-              file=sys.stderr)
+    if P + L + max_new_tokens > model.cfg.max_seq_len and not _warned_past_max_seq_len:
+        print(f"warning: generating to {P + L + max_new_tokens} positions, past max_seq_len {model.cfg.max_seq_len} "
+              "(said once)", file=sys.stderr)
+        globals()["_warned_past_max_seq_len"] = True
+    stop = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}  # Llama-3 configs list several
     cache = KVCache(model.cfg, B, L + max_new_tokens, param.device, param.dtype)
-    logits = model(tokens, mask=mask, prefix_kv=prefix_kv, cache=cache)[:, -1]
+    # Logits of the last prompt position only (all of them: rows x L x vocab, gigabytes at evaluation's batch sizes).
+    logits = model.logits(model.hidden_states(tokens, mask=mask, prefix_kv=prefix_kv, cache=cache)[:, -1])
     new_tokens = [[] for _ in range(B)]
     finished = [False] * B
     for _ in range(max_new_tokens):
@@ -591,7 +597,7 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature=0.
         for i, tok in enumerate(next_ids.tolist()):
             if finished[i]:
                 continue
-            if tok == eos_id:
+            if tok in stop:
                 finished[i] = True
             else:
                 new_tokens[i].append(tok)
@@ -607,32 +613,42 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature=0.
 # `--checkpoint DIR`, or `--random-init --model tiny` (random weights of a preset's shape, token ids only)
 
 
-def cli_model(args, dtype) -> tuple["Transformer", "Path | None"]:
-    """The CLI's model and its folder (None for --random-init): a --model name resolves through hf_checkpoint's
-    search (--model-dir, the Hugging Face cache, a path) and is refused with one line when absent; the memory check
-    runs before anything is allocated."""
-    from hf_checkpoint import check_inference_memory, load_pretrained, resolve_model  # below model.py's classes
+def cli_folder(args) -> "Path | None":
+    """The CLI's Hugging Face folder (None for --random-init): a --model name resolves through hf_checkpoint's search
+    (--model-dir, the Hugging Face cache, a path) and is refused with one line when absent."""
+    from hf_checkpoint import MODEL_REPOS, resolve_model  # below model.py's classes: imported when the CLI runs
     if args.random_init:
-        cfg, folder = ModelConfig.from_name(args.model or "tiny"), None
+        return None
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    if args.model in MODEL_PRESETS and args.model not in MODEL_REPOS:
+        raise ValueError(f"model {args.model}: a shape with no released weights; add --random-init for random ones")
+    try:
+        folder = resolve_model(args.model, args.model_dir)
+    except ValueError as e:
+        raise ValueError(f"{e} (random weights of a preset: add --random-init)") from None
+    print(f"model {args.model}: weights from {folder}")
+    return folder
+
+
+def cli_model(args, folder, dtype, prompt_tokens: int) -> Transformer:
+    """The CLI's model, after the memory check (weights + the prompt's and answer's keys/values and logits)."""
+    from hf_checkpoint import check_memory, inference_bytes, load_pretrained
+    cfg = ModelConfig.from_name(args.model or "tiny") if folder is None else ModelConfig.from_hf(folder)
+    if folder is None:
         print(f"{args.model or 'tiny'}: random weights (--random-init), {cfg.num_params():,} parameters")
-    else:
-        try:
-            folder = Path(args.checkpoint) if args.checkpoint else resolve_model(args.model, args.model_dir)
-        except ValueError as e:
-            raise ValueError(f"{e} (random weights of a preset: add --random-init)") from None
-        cfg = ModelConfig.from_hf(folder / "config.json")
-        if args.model:
-            print(f"model {args.model}: weights from {folder}")
     if args.memory_check:
-        check_inference_memory(cfg, args.device, dtype, batch_tokens=args.max_new_tokens + 2048)
+        needed = inference_bytes(cfg, dtype, batch_tokens=prompt_tokens + args.max_new_tokens)
+        check_memory(needed, args.device, "would fit: " + ("--precision bf16 or " if dtype == torch.float32 else "")
+                     + "a device with more memory")
     model = create_model(cfg, args.device, dtype, seed=args.seed) if folder is None else \
         load_pretrained(folder, args.device, dtype)
-    return model.eval(), folder
+    return model.eval()
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from config_flags import OneLineParser  # one-line errors for bad flags, as evaluate.py and context_tuning.py
+    parser = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", help=f"a preset ({', '.join(MODEL_PRESETS)}), a Hugging Face repository id or a "
                         "folder: real weights, looked up in --model-dir, the Hugging Face cache, then as a path")
     parser.add_argument("--model-dir", help="a folder of model folders, searched first for --model")
@@ -657,19 +673,22 @@ def main(argv=None):
     dtype = PRECISIONS[args.precision or default_precision(args.device)]
     torch.manual_seed(args.seed)
     try:
-        model, folder = cli_model(args, dtype)
-        generator = torch.Generator(args.device).manual_seed(args.seed)
-        sampling = dict(temperature=args.temperature, top_p=args.top_p, generator=generator)
-        if args.tokenizer or folder is not None:
+        folder = cli_folder(args)
+        tok = None  # none given and none in the folder: token ids, as with random weights
+        in_folder = folder is not None and any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.json"))
+        if args.tokenizer or in_folder:
             from data import Tokenizer
             tok = Tokenizer.resolve(args.tokenizer, folder)
+        prompt = tok.encode(args.prompt, bos=True) if tok else [ModelConfig.from_name(args.model or "tiny").bos_token_id]
+        model = cli_model(args, folder, dtype, len(prompt))
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        sampling = dict(temperature=args.temperature, top_p=args.top_p, generator=generator)
+        if tok:
             tok.check_vocab(model.cfg.vocab_size)
-            ids = generate(model, [tok.encode(args.prompt, bos=True)], args.max_new_tokens, eos_id=tok.eos_id,
-                           **sampling)[0]
+            ids = generate(model, [prompt], args.max_new_tokens, eos_id=tok.eos_id, **sampling)[0]
             print(args.prompt + tok.decode(ids))
-        else:  # random weights, no tokenizer: token ids continuing [BOS]
-            ids = generate(model, [[model.cfg.bos_token_id]], args.max_new_tokens, eos_id=model.cfg.eos_token_id,
-                           **sampling)[0]
+        else:  # no tokenizer: token ids continuing [BOS]
+            ids = generate(model, [prompt], args.max_new_tokens, eos_id=model.cfg.eos_token_id, **sampling)[0]
             print("generated token ids:", ids)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"error: {e}")

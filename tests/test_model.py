@@ -293,6 +293,7 @@ def test_generate_stops_at_eos_and_samples_reproducibly():
     model = create_model(cfg, seed=0).eval()
     greedy = generate(model, [[1, 5]], 6)[0]
     assert generate(model, [[1, 5]], 6, eos_id=greedy[2])[0] == greedy[:2]
+    assert generate(model, [[1, 5]], 6, eos_id=[999999, greedy[2]])[0] == greedy[:2]  # Llama-3: a list of ids
     run = lambda: generate(model, [[1, 5], [1, 7, 8]], 8, temperature=1.0, top_p=0.9,
                            generator=torch.Generator().manual_seed(3))
     assert run() == run()
@@ -366,6 +367,8 @@ def assert_one_line_error(result, *needles):
 def test_bad_input_unknown_preset():
     assert_one_line_error(run_cli("--random-init", "--model", "llama9-1b"), "unknown model preset 'llama9-1b'")
     assert_one_line_error(run_cli("--model", "llama9-1b"), "model llama9-1b: not found", "not a preset")
+    assert_one_line_error(run_cli("--model", "tiny"), "no released weights", "--random-init")
+    assert_one_line_error(run_cli("--checkpoint", "x", "--random-init"), "give one")
 
 
 def test_bad_input_missing_shard(saved_tiny):
