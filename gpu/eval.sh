@@ -8,8 +8,7 @@
 #
 # Env: BUDGET seconds for everything (default 1500); DATA (default .gpu/eval-data, laid out as ../shared/data);
 # MODEL preset (default llama2-7b); LIMIT questions per task (default: all); SHOTS (default 5); GEN_TOKENS (8);
-# BATCH_TOKENS (default 32768; evaluate.py's GPU default 16384 holds ~9 rows once a 5-shot prefix is counted per row:
-# 8,628 Causal20 items did not finish in 250 s on 2 x H200);
+# BATCH_TOKENS (default 32768: one shared prefix + the rows' own positions per batch, ~230 Causal20 rows);
 # OUT (optional) receives the result files. Resumable: each finished run's JSON in runs/eval/ is kept and skipped
 # on a rerun; an interrupted run's --out placeholder is taken over. Several GPUs in CUDA_VISIBLE_DEVICES: torchrun
 # splits the rows across them.
