@@ -588,8 +588,8 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature=0.
         globals()["_warned_past_max_seq_len"] = True
     stop = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}  # Llama-3 configs list several
     cache = KVCache(model.cfg, B, L + max_new_tokens, param.device, param.dtype)
-    # Logits of the last prompt position only (all of them: rows x L x vocab, gigabytes at evaluation's batch sizes).
-    logits = model.logits(model.hidden_states(tokens, mask=mask, prefix_kv=prefix_kv, cache=cache)[:, -1])
+    # Through the model's forward (cft.py's FSDP-wrapped LanguageModel generates too: its root must run).
+    logits = model(tokens, mask=mask, prefix_kv=prefix_kv, cache=cache)[:, -1]
     new_tokens = [[] for _ in range(B)]
     finished = [False] * B
     for _ in range(max_new_tokens):
