@@ -582,10 +582,11 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature=0.
     tokens = tokens.to(param.device)
     mask = AttentionMask(pad_left=torch.tensor([L - len(p) for p in prompts], device=param.device))
     P = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
+    global _warned_past_max_seq_len
     if P + L + max_new_tokens > model.cfg.max_seq_len and not _warned_past_max_seq_len:
         print(f"warning: generating to {P + L + max_new_tokens} positions, past max_seq_len {model.cfg.max_seq_len} "
               "(said once)", file=sys.stderr)
-        globals()["_warned_past_max_seq_len"] = True
+        _warned_past_max_seq_len = True
     stop = set(eos_id) if isinstance(eos_id, (list, tuple, set)) else {eos_id}  # Llama-3 configs list several
     cache = KVCache(model.cfg, B, L + max_new_tokens, param.device, param.dtype)
     # Through the model's forward (cft.py's FSDP-wrapped LanguageModel generates too: its root must run).
@@ -631,10 +632,9 @@ def cli_folder(args) -> "Path | None":
     return folder
 
 
-def cli_model(args, folder, dtype, prompt_tokens: int) -> Transformer:
+def cli_model(args, cfg: ModelConfig, folder, dtype, prompt_tokens: int) -> Transformer:
     """The CLI's model, after the memory check (weights + the prompt's and answer's keys/values and logits)."""
     from hf_checkpoint import check_memory, inference_bytes, load_pretrained
-    cfg = ModelConfig.from_name(args.model or "tiny") if folder is None else ModelConfig.from_hf(folder)
     if folder is None:
         print(f"{args.model or 'tiny'}: random weights (--random-init), {cfg.num_params():,} parameters")
     if args.memory_check:
@@ -674,13 +674,14 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     try:
         folder = cli_folder(args)
+        cfg = ModelConfig.from_name(args.model or "tiny") if folder is None else ModelConfig.from_hf(folder)
         tok = None  # none given and none in the folder: token ids, as with random weights
         in_folder = folder is not None and any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.json"))
         if args.tokenizer or in_folder:
             from data import Tokenizer
             tok = Tokenizer.resolve(args.tokenizer, folder)
-        prompt = tok.encode(args.prompt, bos=True) if tok else [ModelConfig.from_name(args.model or "tiny").bos_token_id]
-        model = cli_model(args, folder, dtype, len(prompt))
+        prompt = tok.encode(args.prompt, bos=True) if tok else [cfg.bos_token_id if cfg.bos_token_id is not None else 1]
+        model = cli_model(args, cfg, folder, dtype, len(prompt))
         generator = torch.Generator(args.device).manual_seed(args.seed)
         sampling = dict(temperature=args.temperature, top_p=args.top_p, generator=generator)
         if tok:

@@ -336,6 +336,13 @@ def test_cli_model_name_resolves_real_weights_from_the_cache(saved_tiny, tokeniz
     assert result.stdout.startswith(f"model llama2-7b: weights from {snapshot}\nThe patient")
 
 
+def test_cli_folder_without_a_tokenizer_gives_token_ids(saved_tiny):
+    """--model PATH (not a preset) with no tokenizer in the folder: token ids after the config's BOS."""
+    result = run_cli("--model", str(saved_tiny), "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert f"weights from {saved_tiny}" in result.stdout and "generated token ids" in result.stdout
+
+
 def test_cli_missing_model_is_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "empty-hub"))
     result = subprocess.run([sys.executable, str(ROOT / "model.py"), "--model", "llama2-7b"], capture_output=True,
