@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from atomic import write_text
 from config_flags import option
-from icl_regression import (REGRESSION_PRESETS, RegressionConfig, TaskBatch, build_regression_model, generator,
-                            read_json_object, read_meta, read_tensors, regression_checkpoint_folder, sample_tasks,
-                            save_regression_checkpoint, train_regression)
+from icl_regression import (REGRESSION_PRESETS, RegressionConfig, TaskBatch, build_regression_model, finished_meta,
+                            generator, read_json_object, read_meta, read_tensors, regression_checkpoint_folder,
+                            sample_tasks, save_regression_checkpoint, train_regression)
 from training import lr_at
 
 FINETUNE_TASKS = ("polynomial", "relu", "sumdot")  # the fine-tuning classes G
@@ -274,8 +274,8 @@ def read_eval(run_dir: Path) -> dict | None:
 def pretrained_checkpoint(cfg: SyntheticConfig, out: Path) -> Path:
     """OUT/pretrain's finished checkpoint folder, checked to be the backbone this run's settings describe."""
     found = regression_checkpoint_folder(out / "pretrain")
-    meta = None if found is None else read_meta(found)
-    if meta is None or not meta.get("done"):
+    meta = None if found is None else finished_meta(found)
+    if meta is None:
         raise FileNotFoundError(f"{out / 'pretrain'}: no finished pretraining checkpoint (run `pretrain` first)")
     stored, wanted = meta.get("model_config", {}), dataclasses.asdict(cfg.model_config())
     if stored != wanted:

@@ -169,8 +169,8 @@ def regression_backbone(out: Path, preset: str, device, deadline: float = math.i
 def backbone_identity(folder) -> dict | None:
     """What identifies the finished icl_regression checkpoint in `folder`: its settings, seed and final quality (and
     its path, for messages only); None when `folder` holds no finished checkpoint."""
-    meta = icl.read_meta(folder)
-    if meta is None or not meta.get("done"):
+    meta = icl.finished_meta(folder)
+    if meta is None:
         return None
     return {"config": meta.get("config"), "seed": meta.get("seed"), "quality": meta.get("quality"), "path": str(folder)}
 
@@ -178,8 +178,8 @@ def backbone_identity(folder) -> dict | None:
 def check_pretrained(folder: str, preset: str):
     """A finished icl_regression checkpoint of `preset`'s settings (every RegressionConfig field, seed 0), else a
     ValueError naming the differences."""
-    meta = icl.read_meta(folder)
-    if meta is None or not meta.get("done"):
+    meta = icl.finished_meta(folder)
+    if meta is None:
         raise ValueError(f"--pretrained {folder}: no finished icl_regression pretraining checkpoint")
     wanted = asdict(icl.REGRESSION_PRESETS[preset])
     stored = {key: meta.get("config", {}).get(key) for key in wanted}

@@ -259,6 +259,12 @@ def read_meta(path) -> dict | None:
     return None if found is None else read_json_object(found / "meta.json")
 
 
+def finished_meta(path) -> dict | None:
+    """The meta of a finished checkpoint (read_meta with "done": true): a pretraining other runs may start from."""
+    meta = read_meta(path)
+    return meta if meta is not None and meta.get("done") else None
+
+
 def load_regression_model(path) -> tuple[RegressionTransformer, dict]:
     """(model on CPU in fp32, meta dict) from a checkpoint folder written by save_regression_checkpoint."""
     found = regression_checkpoint_folder(path)
@@ -402,8 +408,7 @@ def pretrain(cfg: RegressionConfig, out: Path, device, deadline: float = math.in
              compile: bool = False, stop_at: int | None = None) -> bool:
     """Pretrain (or resume) out/pretrain; returns True once finished (its meta.json then holds the quality check)."""
     run_dir = Path(out) / "pretrain"
-    meta = read_meta(run_dir)
-    if meta is not None and meta["done"]:
+    if finished_meta(run_dir) is not None:
         return True
     model, meta = start_pretraining(cfg, run_dir, seed)
     model.to(device)

@@ -493,8 +493,7 @@ def pretrained_folder(cfg: PromotConfig, out: Path) -> Path:
 
 def load_base(cfg: PromotConfig, out: Path, device) -> tuple[nn.Module, dict]:
     folder = pretrained_folder(cfg, out)
-    meta = icl.read_meta(folder)
-    if meta is None or not meta.get("done"):
+    if icl.finished_meta(folder) is None:
         raise FileNotFoundError(f"{folder}: no finished icl_regression pretraining checkpoint")
     model, meta = icl.load_regression_model(folder)
     return model.to(device).eval(), meta
@@ -591,8 +590,8 @@ def backbone_points(cfg: PromotConfig) -> int:
     """Points per prompt of the backbone the run will use (checked before anything is written)."""
     if not cfg.pretrained:
         return icl.REGRESSION_PRESETS[cfg.backbone].n_points
-    meta = icl.read_meta(cfg.pretrained)
-    if meta is None or not meta.get("done"):
+    meta = icl.finished_meta(cfg.pretrained)
+    if meta is None:
         raise FileNotFoundError(f"{cfg.pretrained}: no finished icl_regression pretraining checkpoint")
     return meta["config"]["n_points"]
 
