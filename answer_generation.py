@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from model import generate
-from scoring import MIN_SHARED_PREFIX, bucket_length, group_prefix, shared_prefix_len, static_shapes
+from scoring import MIN_SHARED_PREFIX, bucket_length, bucket_rows, group_prefix, shared_prefix_len, static_shapes
 
 MISSING = -1  # the prediction of an output in which no label was found
 
@@ -59,7 +59,7 @@ def bucketed_generation_batches(lengths, rows: list[int], extra: int, batch_toke
         full = max(1, batch_tokens // (length + extra))
         setter = int(lengths[rows[0]] < length)  # the pad-token prompt that makes the batch `length` long
         batch, rows = rows[:max(1, full - setter)], rows[max(1, full - setter):]
-        n_rows = max(len(batch) + setter, min(full, 1 << (len(batch) + setter - 1).bit_length()))
+        n_rows = max(len(batch) + setter, bucket_rows(len(batch) + setter, full))
         batches.append((batch, [[pad_id] * length] * setter + [[pad_id]] * (n_rows - len(batch) - setter)))
     return batches
 

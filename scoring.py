@@ -173,8 +173,13 @@ def bucket_shape(batch: list[ScoringRow], batch_tokens: int) -> tuple[int, int]:
     length; a short batch (a group's last) gets padding rows up to the next power of two, so that a small group is not
     padded to a full batch. Shapes per length bucket: log2(batch_tokens / length) + 2 at most."""
     length = bucket_length(len(batch[0].tokens))
-    full = max(1, batch_tokens // length)
-    return min(full, 1 << (len(batch) - 1).bit_length()), length
+    return bucket_rows(len(batch), max(1, batch_tokens // length)), length
+
+
+def bucket_rows(n: int, full: int) -> int:
+    """The padded row count of a batch of n rows under shape buckets, `full` rows being a full batch: the next power
+    of two, at most full."""
+    return min(full, 1 << (n - 1).bit_length())
 
 
 def bucketed_batches(rows: list[ScoringRow], batch_tokens: int) -> list[list[ScoringRow]]:
