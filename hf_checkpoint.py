@@ -18,7 +18,7 @@ import torch
 
 from atomic import commit_folder, save_tensors, staging_folder
 from lora import LoRALinear
-from model import ModelConfig, Transformer
+from model import MODEL_PRESETS, ModelConfig, Transformer
 
 SHARD_BYTES = 5 * 1000**3  # the 5 GB shard size that transformers writes by default
 GiB = 1024**3
@@ -86,13 +86,17 @@ def resolve_model(name_or_path, model_dir=None) -> Path:
             return folder
     if Path(name).is_dir():
         raise ValueError(f"model {name}: {name} has no config.json (expected a Hugging Face Llama folder)")
+    if name in MODEL_PRESETS and not repo:  # a shape of this project's own (tiny): nothing to download
+        raise ValueError(f"model {name}: a shape with no released weights; add --random-init for random ones")
     places = [str(c) for c in candidates[:-1] if c != snapshot]
     places += [str(cache / f"models--{repo.replace('/', '--')}")] if repo else []
     places += [f"the path {name}"]
     get = (f"; download it with `{download_command(repo)}` (huggingface_hub < 1.0: `huggingface-cli download {repo}`"
            f"; a gated repository: accept its license on huggingface.co and log in first)") if repo else \
         f" (and it is not a preset: {', '.join(MODEL_REPOS)})"
-    raise ValueError(f"model {name}: not found in {', '.join(places)}{get}")
+    # every script that resolves a name also takes --random-init (a preset's shape with random weights)
+    raise ValueError(f"model {name}: not found in {', '.join(places)}{get} (random weights of a preset: add "
+                     f"--random-init)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

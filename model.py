@@ -617,17 +617,12 @@ def generate(model: Transformer, prompts, max_new_tokens: int, *, temperature=0.
 def cli_folder(args) -> "Path | None":
     """The CLI's Hugging Face folder (None for --random-init): a --model name resolves through hf_checkpoint's search
     (--model-dir, the Hugging Face cache, a path) and is refused with one line when absent."""
-    from hf_checkpoint import MODEL_REPOS, resolve_model  # below model.py's classes: imported when the CLI runs
+    from hf_checkpoint import resolve_model  # below model.py's classes: imported when the CLI runs
     if args.random_init:
         return None
     if args.checkpoint:
         return Path(args.checkpoint)
-    if args.model in MODEL_PRESETS and args.model not in MODEL_REPOS:
-        raise ValueError(f"model {args.model}: a shape with no released weights; add --random-init for random ones")
-    try:
-        folder = resolve_model(args.model, args.model_dir)
-    except ValueError as e:
-        raise ValueError(f"{e} (random weights of a preset: add --random-init)") from None
+    folder = resolve_model(args.model, args.model_dir)
     print(f"model {args.model}: weights from {folder}")
     return folder
 

@@ -109,10 +109,7 @@ def resolve_model_folder(cfg, env) -> None:
                              "model")
         return
     if cfg.model:
-        try:
-            cfg.checkpoint = str(resolve_model(cfg.model, cfg.model_dir))
-        except ValueError as e:
-            raise ValueError(f"{e} (random weights of a preset: add --random-init)") from None
+        cfg.checkpoint = str(resolve_model(cfg.model, cfg.model_dir))
         if env.is_main:
             print(f"model {cfg.model}: weights from {cfg.checkpoint}")
     elif cfg.model_dir:
