@@ -156,11 +156,9 @@ def regression_backbone(out: Path, preset: str, device, deadline: float = math.i
                         pretrained: str | None = None):
     """icl_regression.py's regression transformer of `preset`, pretrained into OUT/pretrain (or reused, or resumed
     from there), or the finished checkpoint folder `pretrained` (another run's, e.g. synthetic.py's rotary full
-    backbone: the same RegressionConfig and seed), frozen, on `device` -> (model, meta); None when the deadline came
-    first."""
-    if pretrained is not None:
-        check_pretrained(pretrained, preset)
-    elif not icl.pretrain(icl.REGRESSION_PRESETS[preset], out, device, deadline, compile=compile):
+    backbone: the same RegressionConfig and seed; the caller checks it first, check_pretrained), frozen, on `device`
+    -> (model, meta); None when the deadline came first."""
+    if pretrained is None and not icl.pretrain(icl.REGRESSION_PRESETS[preset], out, device, deadline, compile=compile):
         return None
     reg, meta = icl.load_regression_model(Path(pretrained) if pretrained else out / "pretrain")
     return reg.to(device).eval().requires_grad_(False), meta
