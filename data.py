@@ -91,9 +91,9 @@ class Tokenizer:
         if tokenizer and not Path(tokenizer).is_dir():
             return cls(tokenizer)
         folder = tokenizer or checkpoint
-        for name in ("tokenizer.model", "tokenizer.json"):
-            if folder and (Path(folder) / name).is_file():
-                return cls(Path(folder) / name)
+        found = folder_tokenizer_file(folder)
+        if found:
+            return cls(found)
         where = f"{folder} has no tokenizer.model" if folder else "no checkpoint folder was given"
         raise ValueError(f"no tokenizer: {where}; pass --tokenizer FILE (a sentencepiece tokenizer.model or a "
                          f"Hugging Face tokenizer.json{'; the folder has no tokenizer.json either' if folder else ''})")
@@ -102,6 +102,14 @@ class Tokenizer:
         if self.vocab_size != vocab_size:
             raise ValueError(f"tokenizer {self.path} has {self.vocab_size} tokens but the model's vocabulary has "
                              f"{vocab_size}: they do not belong together")
+
+
+def folder_tokenizer_file(folder) -> Path | None:
+    """A model folder's tokenizer file: its tokenizer.model, else its tokenizer.json, else None (no folder: None)."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if folder and (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
 
 
 def _json_object(path: Path) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from atomic import commit_folder, save_tensors, staging_folder
+from data import folder_tokenizer_file
 from lora import LoRALinear
 from model import MODEL_PRESETS, ModelConfig, Transformer
 
@@ -507,14 +508,6 @@ def _write_metadata(cfg: ModelConfig, folder: Path, dtype, tokenizer, source, ge
     else:
         generation = generation_config or {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tokenizer_file = getattr(tokenizer, "path", tokenizer) or _source_tokenizer(source)
+    tokenizer_file = getattr(tokenizer, "path", tokenizer) or folder_tokenizer_file(source)
     if tokenizer_file:
         write_tokenizer_files(folder, tokenizer_file, cfg.max_seq_len)
-
-
-def _source_tokenizer(source) -> Path | None:
-    """A checkpoint folder's tokenizer file: tokenizer.model, else tokenizer.json, else None."""
-    for name in ("tokenizer.model", "tokenizer.json"):
-        if source and (Path(source) / name).is_file():
-            return Path(source) / name
-    return None

@@ -670,10 +670,9 @@ def main(argv=None):
     try:
         folder = cli_folder(args)
         cfg = ModelConfig.from_name(args.model or "tiny") if folder is None else ModelConfig.from_hf(folder)
+        from data import Tokenizer, folder_tokenizer_file
         tok = None  # none given and none in the folder: token ids, as with random weights
-        in_folder = folder is not None and any((folder / n).is_file() for n in ("tokenizer.model", "tokenizer.json"))
-        if args.tokenizer or in_folder:
-            from data import Tokenizer
+        if args.tokenizer or folder_tokenizer_file(folder):
             tok = Tokenizer.resolve(args.tokenizer, folder)
         prompt = tok.encode(args.prompt, bos=True) if tok else [cfg.bos_token_id if cfg.bos_token_id is not None else 1]
         model = cli_model(args, cfg, folder, dtype, len(prompt))
