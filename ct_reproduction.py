@@ -28,13 +28,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import icl_regression as icl
 from atomic import folder_lock, write_text
 from ct_methods import METHODS, adapt_tasks, stack_episodes
 from ct_regression import (CT_REPRODUCTIONS, SWEEP_LRS, SWEEP_LRS_DEFAULT, SWEPT, TASK_FAMILIES, CTQuickConfig,
                            RegressionIO, backbone_identity, check_pretrained, regression_backbone, regression_episode,
                            regression_errors, regression_tune_config, sample_family)
-from metrics import mean_std_ci95
+from metrics import mean_std, mean_std_ci95
 
 ABLATION = {"ct-kv (leave-one-out + dropout)": (True, True), "ct-kv (leave-one-out only)": (True, False),
             "ct-kv (dropout only)": (False, True), "ct-kv (neither)": (False, False)}
@@ -234,11 +233,11 @@ def cell_errors(q: CTQuickConfig, records: dict, family: str, k: int) -> dict:
 def method_stats(errors: dict, name: str) -> dict:
     e, icl_e, kv_e = errors[name], errors["icl"], errors["ct-kv"]
     seeds = sorted(set(e["seed"]))
-    per_seed = [icl.mean_std([m for m, s in zip(e["mse"], e["seed"]) if s == seed])[0] for seed in seeds]
+    per_seed = [mean_std([m for m, s in zip(e["mse"], e["seed"]) if s == seed])[0] for seed in seeds]
     stats = {}
     for metric in ("mse", "nmse"):
         stats[metric], stats[f"{metric}_ci95"] = mean_ci95(e[metric])
-    stats["mse_std"] = icl.mean_std(per_seed)[1]  # over seeds' means
+    stats["mse_std"] = mean_std(per_seed)[1]  # over seeds' means
     stats["mse_per_seed"], stats["seeds"], stats["tasks"] = per_seed, len(seeds), len(e["mse"])
     for other, label in ((icl_e, "icl"), (kv_e, "ct_kv")):
         stats[f"mse_minus_{label}"], stats[f"mse_minus_{label}_ci95"] = mean_ci95(

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from atomic import atomic_folder, finished_folder
+from atomic import atomic_folder, finished_folder, save_tensors
 from config_flags import option
 from model import ModelConfig, create_model
 from training import lr_at
@@ -216,12 +216,12 @@ def build_regression_model(cfg: RegressionConfig, seed: int) -> RegressionTransf
 def save_regression_checkpoint(path: Path, model: nn.Module, meta: dict, optimizer=None) -> None:
     """Write the folder whole (atomic.atomic_folder): an interrupted save never damages the previous checkpoint."""
     with atomic_folder(path, replace=True) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  tmp / "model.safetensors")
+        save_tensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                     tmp / "model.safetensors")
         if optimizer is not None:
             state = optimizer.state_dict()["state"]
-            save_file({f"{i}.{name}": t.detach().cpu().contiguous() for i, s in state.items() for name, t in s.items()},
-                      tmp / "optimizer.safetensors")
+            save_tensors({f"{i}.{name}": t.detach().cpu().contiguous() for i, s in state.items()
+                          for name, t in s.items()}, tmp / "optimizer.safetensors")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -303,12 +303,6 @@ def nmse_curve(model, cfg: RegressionConfig, device, seed: int = 0, n_prompts: i
         ys = batch.values()
         errors.append((model(batch.xs, ys).float() - ys.float()) ** 2)
     return (torch.cat(errors).mean(0) / cfg.n_dims).tolist()
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value), in float64."""
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

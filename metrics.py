@@ -37,15 +37,19 @@ def t_quantile_975(df: int) -> float:
             + (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / (92160 * n ** 4))
 
 
-def mean_std_ci95(values) -> tuple[float, float, float]:
-    """(mean, sample std, half-width of the mean's 95% t interval); std 0 and half-width nan for a single value."""
+def mean_std(values) -> tuple[float, float]:
+    """(mean, sample standard deviation); std 0 for a single value."""
     values = [float(v) for v in values]
     n = len(values)
     mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0, math.nan
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, std, t_quantile_975(n - 1) * std / math.sqrt(n)
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def mean_std_ci95(values) -> tuple[float, float, float]:
+    """(mean, sample std, half-width of the mean's 95% t interval); std 0 and half-width nan for a single value."""
+    n = len(values)
+    mean, std = mean_std(values)
+    return mean, std, (t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan)
 
 
 def mean_stderr(values) -> float | None:

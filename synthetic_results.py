@@ -13,7 +13,8 @@ from pathlib import Path
 
 from atomic import atomic_write, write_text
 from cft_regression import FINETUNE_METHODS, FINETUNE_TASKS, SyntheticConfig, evaluate_run, read_eval
-from icl_regression import load_regression_model, mean_std, read_json_object, read_meta, regression_checkpoint_folder
+from icl_regression import load_regression_model, read_json_object, read_meta, regression_checkpoint_folder
+from metrics import mean_std
 
 # The paper's numbers (official code, d = 20, 41 points): raw squared error averaged over the 41 positions, and the
 # polynomial inner product after 40k steps (its tied computation).
