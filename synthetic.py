@@ -56,14 +56,14 @@ from synthetic_results import (collect_results, evaluate_runs, plot_mechanism, p
 
 
 def run_all(cfg: SyntheticConfig, out: Path, device, deadline: float = math.inf, *, compile_pretrain: bool = False,
-            compile_finetune: bool = False, jobs: int = 1) -> bool:
-    """Pretrain, fine-tune every (task, method, seed), evaluate, plot. Returns True when everything is finished;
-    False when the deadline came first (re-run the same command to continue)."""
+            compile_finetune: bool = False, jobs: int = 1, tasks=FINETUNE_TASKS) -> bool:
+    """Pretrain, fine-tune every (task, method, seed) of `tasks`, evaluate, plot. Returns True when everything is
+    finished; False when the deadline came first (re-run the same command to continue)."""
     if not pretrain(cfg, out, device, deadline, compile=compile_pretrain):
         return False
     if torch.device(device).type == "cuda" and torch.cuda.is_initialized():
         torch.cuda.empty_cache()  # hand pretraining's cached activation memory to the fine-tuning processes
-    runs = [(task, method, seed) for task in FINETUNE_TASKS for method in FINETUNE_METHODS for seed in range(cfg.seeds)]
+    runs = [(task, method, seed) for task in tasks for method in FINETUNE_METHODS for seed in range(cfg.seeds)]
     if jobs <= 1:
         for task, method, seed in runs:
             if not finetune(cfg, out, task, method, [seed], device, deadline, compile=compile_finetune):
@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the CPU-sized preset (same as --preset quick)")
     p.add_argument("--jobs", type=int, help="concurrent fine-tuning processes (default: every run at once on CUDA, "
                                             "1 on CPU)")
+    p.add_argument("--tasks", nargs="+", choices=FINETUNE_TASKS, default=list(FINETUNE_TASKS),
+                   help="fine-tuning classes to run (default: all three; e.g. polynomial alone, which the mechanism "
+                        "figure needs, when device time is short)")
     p = sub.add_parser("summary", help="tables, verdicts and the mechanism figure over several run folders")
     p.add_argument("--out", type=Path, default=Path("runs/synthetic"), help="the folder holding the run folders")
     p.add_argument("--settings", nargs="+", help="run folders under --out (default: all)")
@@ -242,9 +245,10 @@ def run_command(args, device) -> bool:
     if args.command == "finetune":
         return finetune(cfg, args.out, args.task, args.method, args.seed or range(cfg.seeds), device, deadline,
                         compile=compile_finetune)
-    jobs = args.jobs or (len(FINETUNE_TASKS) * len(FINETUNE_METHODS) * cfg.seeds if device.type == "cuda" else 1)
+    tasks = tuple(dict.fromkeys(args.tasks))
+    jobs = args.jobs or (len(tasks) * len(FINETUNE_METHODS) * cfg.seeds if device.type == "cuda" else 1)
     done = run_all(cfg, args.out, device, deadline, compile_pretrain=compile_pretrain,
-                   compile_finetune=compile_finetune, jobs=jobs)
+                   compile_finetune=compile_finetune, jobs=jobs, tasks=tasks)
     if done:
         print(results_table(collect_results(args.out), read_meta(args.out / "pretrain")))
     return done

@@ -194,9 +194,12 @@ def plot_results(out: Path) -> list[Path]:
     if plt is None:
         print("plot: matplotlib is not installed; wrote CSV files only (pip install matplotlib for PNGs)")
         return written
-    fig, axes = plt.subplots(2, len(FINETUNE_TASKS), figsize=(5 * len(FINETUNE_TASKS), 7.5), squeeze=False)
+    tasks = [t for t in FINETUNE_TASKS if any(m["task"] == t for m, _ in runs)]  # `synthetic.py all --tasks`
+    if not tasks:
+        return written
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7.5), squeeze=False)
     for row, key in enumerate(("inner_product_tied", "inner_product_query")):
-        for ax, task in zip(axes[row], FINETUNE_TASKS):
+        for ax, task in zip(axes[row], tasks):
             for color, method in zip(("C0", "C1", "C2"), FINETUNE_METHODS):
                 chosen = [m for m, _ in runs if m["task"] == task and m["method"] == method]
                 for i, meta in enumerate(chosen):
@@ -205,8 +208,8 @@ def plot_results(out: Path) -> list[Path]:
             ax.set(title=f"{task}: {METRICS[key]}", xlabel="fine-tuning step", ylabel="cosine with (1 + 2wᵀx)w")
             ax.legend()
     written.append(save_figure(plt, fig, out / "inner_product.png"))
-    fig, axes = plt.subplots(1, len(FINETUNE_TASKS), figsize=(5 * len(FINETUNE_TASKS), 4), squeeze=False)
-    for ax, task in zip(axes[0], FINETUNE_TASKS):
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
         for color, method in zip(("C0", "C1", "C2"), FINETUNE_METHODS):
             chosen = [r for m, r in runs if m["task"] == task and m["method"] == method and r]
             for i, result in enumerate(chosen):

@@ -46,9 +46,11 @@ def faithful_grid(tmp_path_factory, backbone):
 @pytest.fixture(scope="module")
 def fresh_polynomial(tmp_path_factory, backbone):
     out = run_folder(tmp_path_factory.mktemp("fresh"), backbone)
-    for method in C.FINETUNE_METHODS:
-        S.main(["finetune", *TEST, "--fresh-context", "--out", str(out), "--task", "polynomial", "--method", method])
-    S.main(["evaluate", "--out", str(out), "--device", "cpu"])
+    S.main(["all", *TEST, "--fresh-context", "--tasks", "polynomial", "--out", str(out)])
+    # --tasks: only the polynomial runs exist, every method and seed of it
+    seeds = C.SYNTHETIC_PRESETS["test"].seeds
+    assert sorted(p.name for p in (out / "finetune").iterdir()) == sorted(
+        C.run_name("polynomial", m, s) for m in C.FINETUNE_METHODS for s in range(seeds))
     return out
 
 
