@@ -192,9 +192,10 @@ def shared_prefix_cases():
 @pytest.mark.parametrize("case", list(shared_prefix_cases()), ids=lambda c: c[0])
 @pytest.mark.parametrize("score_budget", [None, 1])  # 1: attended one row at a time (large batches)
 def test_shared_prefix_path_equals_naive_reference_and_the_copying_path(case, score_budget, monkeypatch):
-    """A batch-1 prefix with few queries per row: attended once (no per-row copy), one softmax over prefix and own
-    scores; outputs and gradients (the prefix's too: CT-KV trains it) equal the naive reference and the exact path
-    over [prefix | own keys] copied per row (a batch-B prefix takes that path)."""
+    """A batch-1 prefix with few queries per row, given as batch 1 or expanded to the rows (a view, as scoring's
+    per_row_prefix hands it): attended once (no per-row copy), one softmax over prefix and own scores; outputs and
+    gradients (the prefix's too: CT-KV trains it) equal the naive reference and the exact path over [prefix | own
+    keys] copied per row (a batch-B prefix with storage per row takes that path)."""
     import fused_attention
     import model as model_module
     _, fields, B, H, Hkv, T, cached = case
@@ -210,16 +211,19 @@ def test_shared_prefix_path_equals_naive_reference_and_the_copying_path(case, sc
     monkeypatch.setattr(model_module, "prepend_prefix",
                         lambda *a: copies.append(1) or fused_attention.prepend_prefix(*a))
     out = attention(q, k, v, layout(), (prefix_k, prefix_v))
-    assert not copies  # the shared prefix was never copied per row
-    per_row = attention(q, k, v, layout(), (prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)))
-    assert copies  # ... while a batch-B prefix takes the copying exact path
+    expanded = attention(q, k, v, layout(), (prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)))
+    assert not copies  # the shared prefix was never copied per row, nor a batch-1 prefix expanded to the rows (a view)
+    per_row = attention(q, k, v, layout(), (prefix_k.expand(B, -1, -1, -1).clone(),
+                                            prefix_v.expand(B, -1, -1, -1).clone()))
+    assert copies  # ... while a batch-B prefix (its own storage per row) takes the copying exact path
     keep = naive_keep(B, T, P, S, offset=cached, **fields)[:, :, :, :P + S]
     ref = naive_attention(q, torch.cat([prefix_k.expand(B, -1, -1, -1), k], 2),
                           torch.cat([prefix_v.expand(B, -1, -1, -1), v], 2), keep)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(out, per_row)
+    torch.testing.assert_close(expanded, per_row)
     inputs, upstream = [q, k, v, prefix_k, prefix_v], torch.randn_like(out)
-    for expected in (ref, per_row):
+    for expected in (ref, per_row, expanded):
         for got, want in zip(torch.autograd.grad(out, inputs, upstream, retain_graph=True),
                              torch.autograd.grad(expected, inputs, upstream, retain_graph=True)):
             torch.testing.assert_close(got, want)
