@@ -313,8 +313,8 @@ def attention(q, k, v, layout: MaskLayout, prefix=None):
         # and the dense mask is small anyway (under 128 x keys per row).
         if prefix is not None and B > 1 and prefix[0].stride(0) == 0 and prefix[1].stride(0) == 0:
             # A batch-1 prefix expanded to the rows (scoring's per_row_prefix): every row holds the same keys, so attend
-            # them once, never copied per row (copying a 1,040-position llama2-7b prefix into 2,048 short rows asked
-            # for 32.5 GiB in one layer, H200).
+            # them once, never copied per row (copying a 1,024-position llama2-7b prefix into 2,048 short rows asked
+            # for 32.5 GiB at once, H200).
             prefix = (prefix[0][:1], prefix[1][:1])
             return shared_prefix_attention(q, k, v, prefix, _shared_prefix_keep(layout, B, T, P + k.shape[2], q.device))
         k, v = prepend_prefix(k, v, prefix)
