@@ -24,6 +24,7 @@ Usage:
   python synthetic.py all --quick --out runs/quick             # CPU-sized grid, <= 5 minutes on 2 cores
   python synthetic.py all --out runs/synthetic --time-budget 540   # full scale on a GPU; re-run until "complete"
   python synthetic.py all --out runs/learned --position learned --recipe official --time-budget 540
+  python synthetic.py all ... --tasks polynomial                   # one fine-tuning class (the mechanism figure's)
   python synthetic.py evaluate --out runs/learned --partial        # results of unfinished runs at their last step
   python synthetic.py summary --out runs                           # every run folder under runs/, with verdicts
   python synthetic.py pretrain|finetune|evaluate|plot --out DIR ...   # the stages one by one
