@@ -100,7 +100,7 @@ def synthetic_preset(name: str, **overrides) -> SyntheticConfig:
 
 SYNTHETIC_PRESETS = {
     "full": synthetic_preset("full"),
-    # CPU-sized: the whole grid in <= 5 minutes on 2 cores.
+    # CPU-sized: the whole grid in ~7-8 minutes on 2 idle cores (405-489 s measured; README).
     "quick": synthetic_preset("quick", finetune_steps=150, finetune_batch=64, finetune_lr=2e-3, finetune_warmup=10,
                               metric_every=25, metric_prompts=128),
     # smaller still, for tests/test_synthetic.py: d = 3, 7 points; width 64, as quick, and 1000 pretraining steps

@@ -303,20 +303,20 @@ def attention(q, k, v, layout: MaskLayout, prefix=None):
     if layout.is_plain_causal():  # the common training case: SDPA picks its fastest causal kernel (flash/cuDNN)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     shared_prefix = prefix is not None and prefix[0].shape[0] == 1 and B > 1
-    if shared_prefix and (q.device.type != "cuda" or T == 1 or B * T < 128):
+    # A batch-1 prefix expanded to the rows (scoring's per_row_prefix: the plain FlexAttention path on CUDA): where the
+    # exact path would copy it per row, it is attended once (a 1,024-position 7B prefix x 2,048 rows: 32.5 GiB, H200).
+    expanded_prefix = (prefix is not None and prefix[0].shape[0] == B > 1 and prefix[0].stride(0) == 0
+                       and prefix[1].stride(0) == 0)
+    cpu = q.device.type != "cuda"
+    if (shared_prefix and (cpu or T == 1 or B * T < 128)) or (expanded_prefix and (cpu or T < 128)):
         # Exact, the prefix stored once: on CPU, for decode steps (FlexAttention's folded 128 x 128 tiles would be
-        # almost all masked, and its block mask rebuilt every step) and for fewer than 128 queries in all.
+        # almost all masked, and its block mask rebuilt every step) and for fewer than 128 queries.
+        prefix = (prefix[0][:1], prefix[1][:1])
         return shared_prefix_attention(q, k, v, prefix, _shared_prefix_keep(layout, B, T, P + k.shape[2], q.device))
-    if q.device.type != "cuda" or (T < 128 and not shared_prefix):
+    if cpu or (T < 128 and not shared_prefix):
         # Exact path: on CPU (FlexAttention has no CPU backward), and for fewer than 128 queries (decode steps, short
         # pairs), where FlexAttention switches to a decoding kernel that fails to compile for some shapes (torch 2.11)
         # and the dense mask is small anyway (under 128 x keys per row).
-        if prefix is not None and B > 1 and prefix[0].stride(0) == 0 and prefix[1].stride(0) == 0:
-            # A batch-1 prefix expanded to the rows (scoring's per_row_prefix): every row holds the same keys, so attend
-            # them once, never copied per row (copying a 1,024-position llama2-7b prefix into 2,048 short rows asked
-            # for 32.5 GiB at once, H200).
-            prefix = (prefix[0][:1], prefix[1][:1])
-            return shared_prefix_attention(q, k, v, prefix, _shared_prefix_keep(layout, B, T, P + k.shape[2], q.device))
         k, v = prepend_prefix(k, v, prefix)
         keep = dense_mask(layout, B, T, k.shape[2], q.device)
         # On CUDA the math backend: SDPA would pick the memory-efficient kernel, whose backward fails for some short

@@ -21,7 +21,7 @@ the runs where they stand). Fixes of the official code's defects, off by default
 Seeds: every sample comes from a torch.Generator seeded by (seed, stream, step), so runs resume exactly.
 
 Usage:
-  python synthetic.py all --quick --out runs/quick             # CPU-sized grid, <= 5 minutes on 2 cores
+  python synthetic.py all --quick --out runs/quick             # CPU-sized grid, ~7-8 minutes on 2 cores
   python synthetic.py all --out runs/synthetic --time-budget 540   # full scale on a GPU; re-run until "complete"
   python synthetic.py all --out runs/learned --position learned --recipe official --time-budget 540
   python synthetic.py all ... --tasks polynomial                   # one fine-tuning class (the mechanism figure's)
