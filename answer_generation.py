@@ -12,19 +12,19 @@ generate_answers batches the prompts with model.py's `generate` (greedy, KV cach
 prefix (the few-shot demonstrations) is prefilled once and shared by its rows, never copied per row (batch 1: every
 decode step attends to it through model.attention's shared-prefix path); rows are sorted by length and cut into
 batches of about `batch_tokens` cached positions, the shared prefix counted once per batch and each row's own prompt
-and answer positions filling the rest; torchrun ranks split the rows (gather_answers joins them). With
-shape buckets (on CUDA by default, as scoring.score_options), the prefill of a batch, whose FlexAttention kernels
-compile for every new shape, takes one of a few: prompts left-padded to a power-of-two length (a pad-token row of
-that length sets it; model.generate's pad_left mask hides the padding), rows padded to a full batch or a power of
-two; padding rows' answers are dropped.
+and answer positions filling the rest; torchrun ranks split the rows (gather_answers joins them). With shape buckets
+(on CUDA by default), the prefill of a batch, whose FlexAttention kernels compile for every new shape, takes one of a
+few: prompts left-padded to a power-of-two length (a pad-token row of that length sets it; model.generate's pad_left
+mask hides the padding), rows padded to a full batch or a power of two; padding rows' answers are dropped.
 """
+import contextlib
 import sys
 
 import torch
 from tqdm import tqdm
 
 from model import generate
-from scoring import MIN_SHARED_PREFIX, bucket_length, bucket_rows, group_prefix, shared_prefix_len, static_shapes
+from scoring import MIN_SHARED_PREFIX, group_prefix, shared_prefix_len
 
 MISSING = -1  # the prediction of an output in which no label was found
 
@@ -46,6 +46,26 @@ def generation_batches(lengths: list[int], rows: list[int], max_new_tokens: int,
             current = []
         current.append(i)
     return batches + [current] if current else batches
+
+
+def bucket_length(n: int) -> int:
+    """The padded length of n positions under shape buckets: the next power of two (at least 16)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def bucket_rows(n: int, full: int) -> int:
+    """The padded row count of a batch of n rows under shape buckets, `full` rows being a full batch: the next power
+    of two, at most full."""
+    return min(full, 1 << (n - 1).bit_length())
+
+
+def static_shapes(enabled: bool):
+    """A context in which torch.compile keeps shapes static (dynamo's automatic dynamic shapes off: a bucket compiles
+    once, for its own shape) and may compile more shapes than its default limit (the buckets are a bounded set)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    limit = max(torch._dynamo.config.recompile_limit, 128)
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=limit)
 
 
 def bucketed_generation_batches(lengths, rows: list[int], extra: int, batch_tokens: int, pad_id: int):

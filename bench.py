@@ -296,9 +296,8 @@ def bench_ct(argv):
 # eval: evaluate.py's scoring against transformers scoring the same prompts one question at a time
 
 
-# path name -> (per_row_prefix, shape_buckets) of scoring.score_options
-EVAL_PATHS = {"shared": (False, False), "per-row": (True, False), "shared-buckets": (False, True),
-              "per-row-buckets": (True, True)}
+# path name -> per_row_prefix of scoring.score_options (per-row first: its default)
+EVAL_PATHS = {"per-row": True, "shared": False}
 
 
 def bench_eval(argv):
@@ -321,7 +320,8 @@ def bench_eval(argv):
                         help="laid out as ../shared/data: mmlu-medical/, medqa-usmle-4opt/, llama2-tokenizer/")
     parser.add_argument("--limit", type=int, help="first N questions of each MMLU subject and of MedQA")
     parser.add_argument("--batch-tokens", type=int, default=16384, help="evaluate.py's padded tokens per batch")
-    parser.add_argument("--paths", default=",".join(EVAL_PATHS), help="comma-separated, from: " + ", ".join(EVAL_PATHS))
+    parser.add_argument("--paths", default=",".join(EVAL_PATHS),
+                        help="comma-separated, from: " + ", ".join(EVAL_PATHS) + " (default: all, in that order)")
     args = parser.parse_args(argv)
     if any(name not in EVAL_PATHS for name in args.paths.split(",")):
         raise SystemExit(f"error: --paths {args.paths}: expected names from {', '.join(EVAL_PATHS)}")
@@ -372,8 +372,7 @@ def bench_eval(argv):
     # Ours twice per path: the first pass includes compiling attention kernels for its shapes (from a cold cache: dynamo
     # reset, inductor's caches off), naive once after a warm-up. Shared prefix = batch-1 prefix_kv (FlexAttention's
     # folded path on CUDA, no copy); per-row = the same prefix expanded to the batch (plain block mask; attention copies
-    # it per row); -buckets = batches padded to a few fixed shapes (scoring.py; the default on CUDA), compiled once per
-    # bucket.
+    # it per row).
     paths = {f"ours, {name}": EVAL_PATHS[name] for name in args.paths.split(",")}
     if device == "cuda":
         torch._inductor.config.force_disable_caches = True
@@ -392,9 +391,9 @@ def bench_eval(argv):
         rows.append((name, "transformers naive", len(qs), sum(len(q.context) for q in qs), "", f"{naive_s:.1f}", "",
                      "", "", "", "", f"{ev.accuracy(golds, scoring.predict(naive)):.3f}"))
         totals.setdefault("transformers naive", [0, 0.0, 0.0])[1] += naive_s
-        for path, (per_row, buckets) in paths.items():
+        for path, per_row in paths.items():
             run = lambda: scoring.score_options(ours, qs, batch_tokens=args.batch_tokens, desc=name, progress=False,
-                                                per_row_prefix=per_row, shape_buckets=buckets)
+                                                per_row_prefix=per_row)
             torch._dynamo.reset()
             shapes.clear()
             try:
@@ -428,7 +427,7 @@ def bench_eval(argv):
     print(table(rows, ["task", "path", "questions", "prompt tokens", "1st pass s (compiles)", "s", "speed-up",
                        "speed-up incl. compilation", "same predictions", "max |Δ log-lik|",
                        "largest naive top-2 margin of a disagreement", "accuracy"]))
-    print("distinct batch shapes after a prefix (each compiles attention on CUDA): "
+    print("distinct batch shapes after a prefix (the shapes the compiled attention sees on CUDA): "
           + "; ".join(f"{path}: {n}" for path, n in shape_counts.items()))
 
 

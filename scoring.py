@@ -13,13 +13,10 @@ Why score_options is fast, with the same numbers as one-question-at-a-time scori
 - Rows are sorted by length and cut into batches of about `batch_tokens` tokens; they are right-padded, so causal
   attention keeps every real token away from the padding (no padding mask) and positions need no correction.
 - The vocabulary projection runs only at the positions that are scored; torchrun ranks split the rows.
-- Shape buckets (on CUDA by default): after a prefix, attention runs compiled FlexAttention kernels, and every new
-  (rows, length, prefix length) shape compiles them again (seconds each). Bucketed batches take one of a few fixed
-  shapes instead: lengths and prefix lengths rounded up to a power of two, rows = batch_tokens // length (a group's
-  last, short batch: its row count rounded up to a power of two, at most that), padding rows dropped, the prefix's
-  padding keys hidden by the mask (model.AttentionMask.hidden_span), the real tokens' positions unchanged.
+- The batches after a prefix differ in rows, length and prefix length; on CUDA their attention runs compiled
+  FlexAttention kernels (fused_attention.py), and dynamo's automatic dynamic shapes make a size that changes symbolic
+  at its first recompilation, so a few compilations serve every shape rather than one per shape.
 """
-import contextlib
 import sys
 from dataclasses import dataclass
 
@@ -27,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from data import Tokenizer, tokenize_texts
-from model import AttentionMask, prefill
+from model import prefill
 
 MIN_SHARED_PREFIX = 32  # shorter common prefixes (zero-shot MedQA: "[BOS] Question:") are simply recomputed
 REDUCTIONS = ("sum", "mean", "chars")
@@ -163,60 +160,18 @@ def length_batches(rows: list[ScoringRow], batch_tokens: int) -> list[list[Scori
     return batches + [current] if current else batches
 
 
-def bucket_length(n: int) -> int:
-    """The padded length of n positions under shape buckets: the next power of two (at least 16)."""
-    return max(16, 1 << (n - 1).bit_length())
-
-
-def bucket_shape(batch: list[ScoringRow], batch_tokens: int) -> tuple[int, int]:
-    """(rows, length) of a bucketed batch: its longest row's bucket, and as many rows as batch_tokens holds at that
-    length; a short batch (a group's last) gets padding rows up to the next power of two, so that a small group is not
-    padded to a full batch. Shapes per length bucket: log2(batch_tokens / length) + 2 at most."""
-    length = bucket_length(len(batch[0].tokens))
-    return bucket_rows(len(batch), max(1, batch_tokens // length)), length
-
-
-def bucket_rows(n: int, full: int) -> int:
-    """The padded row count of a batch of n rows under shape buckets, `full` rows being a full batch: the next power
-    of two, at most full."""
-    return min(full, 1 << (n - 1).bit_length())
-
-
-def bucketed_batches(rows: list[ScoringRow], batch_tokens: int) -> list[list[ScoringRow]]:
-    """Rows sorted longest first, each batch as many rows as batch_tokens holds at its longest row's bucket length
-    (shorter rows join the batch of a longer one, so only a group's last batch is short)."""
-    rows = sorted(rows, key=lambda r: -len(r.tokens))
-    batches = []
-    while rows:
-        full = max(1, batch_tokens // bucket_length(len(rows[0].tokens)))
-        batches.append(rows[:full])
-        rows = rows[full:]
-    return batches
-
-
-def static_shapes(enabled: bool):
-    """A context in which torch.compile keeps shapes static (dynamo's automatic dynamic shapes off: a bucket compiles
-    once, for its own shape) and may compile more shapes than its default limit (the buckets are a bounded set)."""
-    if not enabled:
-        return contextlib.nullcontext()
-    limit = max(torch._dynamo.config.recompile_limit, 128)
-    return torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=limit)
-
-
 @dataclass
 class GroupPlan:
     prefix: list[int]                    # the group's shared tokens, prefilled once (empty: none)
     batches: list[list[ScoringRow]]      # this rank's rows
-    bucketed: bool                       # batches padded to bucket_shape, the prefix to bucket_length
 
 
 def plan_batches(model, questions, batch_tokens: int, extra_prefix: int, detect_prefix: bool, rank: int, world: int,
-                 too_long_advice: str = "", shape_buckets: bool = False) -> list[GroupPlan]:
+                 too_long_advice: str = "") -> list[GroupPlan]:
     """One GroupPlan per group. Rows and prefix lengths are fixed before the rank split, so that every world size
     computes the same thing. extra_prefix: positions before every row (a soft prompt, a given prefix_kv), for the
     length warning; too_long_advice: what the warning suggests (e.g. fewer shots, which only a caller with
-    demonstrations can offer). shape_buckets: bucket the groups whose rows follow a prefix (the others run SDPA's
-    causal kernel, which compiles nothing)."""
+    demonstrations can offer)."""
     groups = {}
     for i, q in enumerate(questions):
         groups.setdefault(q.group, []).append(i)
@@ -232,9 +187,7 @@ def plan_batches(model, questions, batch_tokens: int, extra_prefix: int, detect_
                   f"max_seq_len {model.cfg.max_seq_len}" + (f" ({too_long_advice})" if too_long_advice else ""),
                   file=sys.stderr)
         rows = sorted(rows, key=lambda r: -len(r.tokens))[rank::world]
-        bucketed = shape_buckets and extra_prefix + skip > 0
-        batches = (bucketed_batches if bucketed else length_batches)(rows, batch_tokens)
-        plan.append(GroupPlan(questions[members[0]].context[:skip], batches, bucketed))
+        plan.append(GroupPlan(questions[members[0]].context[:skip], length_batches(rows, batch_tokens)))
     return plan
 
 
@@ -247,35 +200,17 @@ def group_prefix(model, tokens: list[int], soft_prompt=None):
     return prefill(model, embeds=embeds)
 
 
-def pad_prefix(prefix_kv, length: int):
-    """prefix_kv with zero keys/values appended up to `length` positions (hidden from every row by the caller's
-    mask): one prefix shape per bucket."""
-    extra = length - prefix_kv[0][0].shape[2]
-    pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
-    return [(pad(k), pad(v)) for k, v in prefix_kv] if extra else prefix_kv
-
-
-def batch_logprobs(model, batch: list[ScoringRow], prefix_kv, per_row_prefix: bool, shape=None, real_prefix=None):
-    """[(row in batch, option, log-likelihood of one continuation token)] of one batch of rows.
-    shape: (rows, length) to pad the batch to (default: its own rows and longest row); real_prefix: the positions of
-    prefix_kv that are real when it was padded (pad_prefix): the others are hidden and the rows start after them."""
+def batch_logprobs(model, batch: list[ScoringRow], prefix_kv, per_row_prefix: bool):
+    """[(row in batch, option, log-likelihood of one continuation token)] of one batch of rows."""
     device = model.embed_tokens.weight.device
-    n_rows, length = shape or (len(batch), len(batch[0].tokens))
-    # Right padding: causal attention already hides the padding from every real token; padding rows are never read.
+    n_rows, length = len(batch), len(batch[0].tokens)
+    # Right padding: causal attention already hides the padding from every real token.
     tokens = torch.zeros(n_rows, length, dtype=torch.long)
     for b, row in enumerate(batch):
         tokens[b, :len(row.tokens)] = torch.tensor(row.tokens)
-    mask = positions = None
-    if real_prefix is not None:  # the padded prefix's keys [real_prefix, padded length) are hidden from every row
-        span = torch.tensor([[real_prefix, prefix_kv[0][0].shape[2]]], device=device).expand(n_rows, 2)
-        # Padding columns repeat the longest row's last position: never read, and never past the positions an
-        # unbucketed batch uses (a learned-position model has no embedding beyond max_seq_len).
-        longest = max(len(row.tokens) for row in batch)
-        positions = real_prefix + torch.arange(length, device=device).clamp(max=longest - 1)
-        mask = AttentionMask(hidden_span=span)
     if per_row_prefix and prefix_kv is not None and prefix_kv[0][0].shape[0] == 1:
         prefix_kv = [(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1)) for k, v in prefix_kv]
-    hidden = model.hidden_states(tokens.to(device), positions=positions, mask=mask, prefix_kv=prefix_kv)
+    hidden = model.hidden_states(tokens.to(device), prefix_kv=prefix_kv)
     where = [(b, c, pos + j, t) for b, row in enumerate(batch) for c, pos, cont in row.targets
              for j, t in enumerate(cont)]
     b_idx, _, pos_idx, target = (torch.tensor(x, device=device) for x in zip(*where))
@@ -284,24 +219,16 @@ def batch_logprobs(model, batch: list[ScoringRow], prefix_kv, per_row_prefix: bo
     return [(b, c, value) for (b, c, _, _), value in zip(where, picked)]
 
 
-def score_group(model, group: GroupPlan, prefix_kv, batch_tokens: int, per_row_prefix: bool):
-    """Per batch of one group, after its prefix (padded when bucketed): [(row, option, log-likelihood of one
-    continuation token)]."""
-    real_prefix = None
-    if group.bucketed and prefix_kv is not None:
-        real_prefix = prefix_kv[0][0].shape[2]
-        prefix_kv = pad_prefix(prefix_kv, bucket_length(real_prefix))
+def score_group(model, group: GroupPlan, prefix_kv, per_row_prefix: bool):
+    """Per batch of one group, after its prefix: [(row, option, log-likelihood of one continuation token)]."""
     for batch in group.batches:
-        shape = bucket_shape(batch, batch_tokens) if group.bucketed else None
-        yield [(batch[b], c, value)
-               for b, c, value in batch_logprobs(model, batch, prefix_kv, per_row_prefix, shape, real_prefix)]
+        yield [(batch[b], c, value) for b, c, value in batch_logprobs(model, batch, prefix_kv, per_row_prefix)]
 
 
 @torch.no_grad()
 def score_options(model, questions: list[EncodedQuestion], *, batch_tokens: int = 8192, prefix_kv=None,
                   soft_prompt=None, reduction: str = "sum", rank: int = 0, world: int = 1, desc: str = "scoring",
-                  progress: bool = True, per_row_prefix: bool = True, too_long_advice: str = "",
-                  shape_buckets: bool | None = None) -> list[list[float]]:
+                  progress: bool = True, per_row_prefix: bool = True, too_long_advice: str = "") -> list[list[float]]:
     """The score of every option of every question: the same numbers as score_naive. model: a model.py Transformer.
 
     reduction, the option's summed log-likelihood divided by nothing or a length:
@@ -319,29 +246,22 @@ def score_options(model, questions: list[EncodedQuestion], *, batch_tokens: int 
     the prefix per row. bench.py eval times both: on one H100 (llama2-7b shapes) per row was as fast once compiled and
     compiled 2.5x sooner (MMLU + MedQA first pass 42 s against 118 s; BENCHMARKS.md), so it is the default here,
     where no gradient needs the memory saving.
-    too_long_advice: appended to the warning printed when prompts run past the model's max_seq_len.
-    shape_buckets: pad the batches that follow a prefix to a few fixed shapes (module doc), so that the compiled
-    attention kernels compile once per bucket, with static shapes (dynamo's automatic dynamic shapes off meanwhile);
-    default on CUDA, the one device where attention compiles. The scores are the same either way."""
+    too_long_advice: appended to the warning printed when prompts run past the model's max_seq_len."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
     if prefix_kv is not None and soft_prompt is not None:
         raise ValueError("score_options: pass a prefix_kv or a soft_prompt, not both (prefill the soft prompt)")
     extra = prefix_kv[0][0].shape[2] if prefix_kv is not None else 0 if soft_prompt is None else len(soft_prompt)
-    device = model.embed_tokens.weight.device
-    shape_buckets = device.type == "cuda" if shape_buckets is None else shape_buckets
-    plan = plan_batches(model, questions, batch_tokens, extra, prefix_kv is None, rank, world, too_long_advice,
-                        shape_buckets)
+    plan = plan_batches(model, questions, batch_tokens, extra, prefix_kv is None, rank, world, too_long_advice)
     scores = [[0.0] * len(q.continuations) for q in questions]
     bar = tqdm(total=sum(len(g.batches) for g in plan), desc=desc, disable=not progress or rank != 0)
-    with static_shapes(shape_buckets):
-        for group in plan:
-            kv = prefix_kv if prefix_kv is not None else group_prefix(model, group.prefix, soft_prompt)
-            for results in score_group(model, group, kv, batch_tokens, per_row_prefix):
-                for row, c, value in results:
-                    scores[row.question][c] += value
-                bar.update()
-            del kv
+    for group in plan:
+        kv = prefix_kv if prefix_kv is not None else group_prefix(model, group.prefix, soft_prompt)
+        for results in score_group(model, group, kv, per_row_prefix):
+            for row, c, value in results:
+                scores[row.question][c] += value
+            bar.update()
+        del kv
     bar.close()
     return reduce_scores(scores, questions, reduction)
 

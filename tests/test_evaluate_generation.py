@@ -130,7 +130,7 @@ def test_shared_prefix_is_passed_once_and_counted_once_per_batch(tokenizer_path,
     plain = [generate(model, [p], 3)[0] for p in prompts]
     fits = prefix_len + 4 * (own + 3)
     assert generate_answers(model, prompts, ["g"] * 4, max_new_tokens=3, eos_id=None, batch_tokens=fits,
-                            progress=False, shape_buckets=False) == plain
+                            progress=False) == plain
     (rows, prefix_batch, cached_prefix), = calls
     assert rows == 4 and prefix_batch == 1 and cached_prefix == prefix_len >= MIN_SHARED_PREFIX
     assert 2 * (cached_prefix + own + 3) > fits  # counted once per row, the prefix would leave room for one row
