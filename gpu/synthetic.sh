@@ -90,7 +90,8 @@ for setting in rope-faithful rope-fresh learned-official; do
   python synthetic.py evaluate --out "$ROOT/$setting" --device "$DEVICE" --partial > "$log" 2>&1 \
     && python synthetic.py plot --out "$ROOT/$setting" >> "$log" 2>&1 || tail -n 3 "$log"
 done
-SETTINGS=$(for s in rope-faithful rope-fresh learned-official; do [ -f "$ROOT/$s/config.json" ] && echo "$s"; done)
+# the mechanism figure's panels in this order: the fresh-context setting first (README shows it)
+SETTINGS=$(for s in rope-fresh learned-official rope-faithful; do [ -f "$ROOT/$s/config.json" ] && echo "$s"; done)
 python synthetic.py summary --out "$ROOT" --settings $SETTINGS | tee "$ROOT/logs/summary.log"
 python - "$ROOT" << 'EOF'
 import json, sys
