@@ -205,7 +205,7 @@ def plot_results(out: Path) -> list[Path]:
                 for i, meta in enumerate(chosen):
                     ax.plot([h["step"] for h in meta["history"]], [h.get(key, math.nan) for h in meta["history"]],
                             color=color, alpha=0.7, marker=".", ms=3, label=method if i == 0 else None)
-            ax.set(title=f"{task}: {METRICS[key]}", xlabel="fine-tuning step", ylabel="cosine with (1 + 2wᵀx)w")
+            ax.set(title=f"{task}\n{METRICS[key]}", xlabel="fine-tuning step", ylabel="cosine with (1 + 2wᵀx)w")
             ax.legend()
     written.append(save_figure(plt, fig, out / "inner_product.png"))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
