@@ -243,7 +243,8 @@ def score_options(model, questions: list[EncodedQuestion], *, batch_tokens: int 
     sum_over_ranks.
     per_row_prefix: hand the prefix to the model expanded to the batch (a view) instead of as batch 1. On CUDA, batch 1
     takes FlexAttention's folded path (prefix stored once); per row takes the plain block mask, with the prefix
-    copied into every row where FlexAttention runs (CUDA, rows of >= 128 tokens) and attended once, uncopied, elsewhere. bench.py eval times both: on one H100 (llama2-7b shapes) per row was as fast once compiled and
+    copied into every row where FlexAttention runs (CUDA, rows of >= 128 tokens) and attended once, uncopied,
+    elsewhere. bench.py eval times both: on one H100 (llama2-7b shapes) per row was as fast once compiled and
     compiled 2.5x sooner (MMLU + MedQA first pass 42 s against 118 s; BENCHMARKS.md), so it is the default here,
     where no gradient needs the memory saving.
     too_long_advice: appended to the warning printed when prompts run past the model's max_seq_len."""
