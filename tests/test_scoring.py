@@ -180,6 +180,8 @@ def varied_questions(seed: int, n: int = 24):
 
 
 def test_groups_with_cached_prefixes_of_different_lengths_match_the_plain_path(tokenizer_path):
+    """Batches of varied row counts and lengths after prefixes of varied lengths (the shapes the compiled attention
+    sees on CUDA) score as one question at a time does, with the prefix shared (batch 1) or handed per row."""
     tok = Tokenizer(tokenizer_path)
     model = create_model(tiny_cfg(), seed=0).eval()
     encoded = sc.encode_questions(tok, varied_questions(0))
