@@ -146,7 +146,7 @@ def load_config(out: Path) -> SyntheticConfig:
 def resolve_config(args) -> SyntheticConfig:
     """The run's config: the preset, then the recipe, then the flags given; OUT/config.json once stored (see
     store_config), which later calls must not contradict."""
-    preset = "quick" if getattr(args, "quick", False) else args.preset_name
+    preset = "quick" if args.quick else args.preset_name
     base = SYNTHETIC_PRESETS[preset or "full"]
     if hasattr(args, "recipe"):
         base = with_recipe(base, args.recipe)
@@ -199,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--out", type=Path, default=Path("runs/synthetic"), help="run folder (resumed if it exists)")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     training = argparse.ArgumentParser(add_help=False)
-    training.add_argument("--preset", dest="preset_name", choices=list(SYNTHETIC_PRESETS),
-                          help="size and schedule (default full; stored in OUT)")
+    preset = training.add_mutually_exclusive_group()
+    preset.add_argument("--preset", dest="preset_name", choices=list(SYNTHETIC_PRESETS),
+                        help="size and schedule (default full; stored in OUT)")
+    preset.add_argument("--quick", action="store_true", help="the CPU-sized preset (same as --preset quick)")
     training.add_argument("--time-budget", type=float, default=math.inf,
                           help="seconds; checkpoint and exit 0 before they run out (re-run to continue)")
     training.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -217,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial", action="store_true", help="also unfinished runs, at their last checkpoint")
     sub.add_parser("plot", parents=[common], help="inner-product and error curves (PNG with matplotlib, CSV always)")
     p = sub.add_parser("all", parents=[common, training], help="the whole grid, resumable")
-    p.add_argument("--quick", action="store_true", help="the CPU-sized preset (same as --preset quick)")
     p.add_argument("--jobs", type=int, help="concurrent fine-tuning processes (default: every run at once on CUDA, "
                                             "1 on CPU)")
     p.add_argument("--tasks", nargs="+", choices=FINETUNE_TASKS, default=list(FINETUNE_TASKS),

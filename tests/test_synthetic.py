@@ -253,6 +253,8 @@ def test_other_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"other settings: preset='quick' \(stored 'test'\)"):
         S.main(["pretrain", *TEST, "--out", str(tmp_path), "--pretrain-steps", "1"])
         S.main(["all", "--quick", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"other settings: preset='quick' \(stored 'test'\)"):
+        S.main(["pretrain", "--quick", "--out", str(tmp_path)])  # --quick on every training command, not only all
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match="--out .*file: exists and is not a folder"):
         S.main(["all", *TEST, "--out", str(tmp_path / "file")])
