@@ -371,8 +371,8 @@ def bench_eval(argv):
     naive_logits = lambda tokens: reference(tokens.to(device)).logits
     # Ours twice per path: the first pass includes compiling attention kernels for its shapes (from a cold cache: dynamo
     # reset, inductor's caches off), naive once after a warm-up. Shared prefix = batch-1 prefix_kv (FlexAttention's
-    # folded path on CUDA, no copy); per-row = the same prefix expanded to the batch (plain block mask; attention copies
-    # it per row).
+    # folded path on CUDA, no copy); per-row = the same prefix expanded to the batch (plain block mask; the prefix is
+    # copied into every row where FlexAttention runs, rows of >= 128 tokens, and attended once elsewhere).
     paths = {f"ours, {name}": EVAL_PATHS[name] for name in args.paths.split(",")}
     if device == "cuda":
         torch._inductor.config.force_disable_caches = True
